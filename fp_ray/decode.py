@@ -1,0 +1,59 @@
+"""Decode sections on the VAE and assemble them with the reference soft-append."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .encode import Conditioning
+from .schedule import Plan, Section
+
+
+def full_latents(plan: Plan, cond: Conditioning, done: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """(1, 16, 1 + N*window, h, w): the start latent followed by every section in time order."""
+    return torch.cat([cond.start_latent] + [done[p] for p in range(plan.num_sections)], dim=2)
+
+
+def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The latent frames `section`'s chunk decodes, its decode_span of the full video."""
+    start, stop = section.decode_span
+    first = min(section.decode_needs)
+    parts = [cond.start_latent] if start == 0 else []
+    parts += [done[p] for p in section.decode_needs]
+    span = torch.cat(parts, dim=2)
+    offset = 0 if start == 0 else 1 + first * plan.window
+    return span[:, :, start - offset : stop - offset]
+
+
+@torch.no_grad()
+def decode_chunk(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents (1, 16, T, h, w) -> pixels (1, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], VAE dtype."""
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z, return_dict=False)[0].cpu()
+
+
+def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Crossfade the last `overlap` frames of history into the first of current (dim 2),
+    with the reference's linear weights, in history's dtype."""
+    if overlap <= 0:
+        return torch.cat([history, current], dim=2)
+    weights = torch.linspace(1, 0, overlap, dtype=history.dtype, device=history.device).view(1, 1, -1, 1, 1)
+    blended = weights * history[:, :, -overlap:] + (1 - weights) * current[:, :, :overlap]
+    return torch.cat([history[:, :, :-overlap], blended, current[:, :, overlap:]], dim=2).to(history)
+
+
+def assemble(chunks: Sequence[torch.Tensor], overlap: int) -> torch.Tensor:
+    """Join decoded chunks in time order. Each crossfade touches only its own seam, so the
+    result does not depend on the order chunks were decoded in."""
+    video = chunks[0]
+    for chunk in chunks[1:]:
+        video = soft_append(video, chunk, overlap)
+    return video
+
+
+def to_frames(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8, rounding as diffusers' numpy_to_pil."""
+    x = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    return (x * 255).round().astype(np.uint8)

@@ -1,0 +1,141 @@
+"""Conditioning: prompts -> Llama + CLIP embeddings, images -> SigLIP embedding + VAE latent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .models import Components
+
+# HunyuanVideo's prompt template (the text goes in the user turn).
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+MAX_PROMPT_TOKENS = 256
+CLIP_TOKENS = 77
+LLAMA_SKIP_LAYERS = 2  # HunyuanVideo reads the third-to-last hidden state
+
+
+class ImageError(ValueError):
+    """An input image that cannot be read."""
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    embeds: torch.Tensor  # (1, MAX_PROMPT_TOKENS, D_llama)
+    mask: torch.Tensor  # (1, MAX_PROMPT_TOKENS), 1 for real tokens
+    pooled: torch.Tensor  # (1, D_clip)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything a section needs besides its packed latents."""
+
+    text: dict[str, TextEmbedding]  # by prompt text
+    image_embeds: torch.Tensor  # (1, tokens, D_siglip); start image, averaged with the end image if any
+    start_latent: torch.Tensor  # (1, 16, 1, h, w) float32, VAE-scaled
+    end_latent: torch.Tensor | None
+
+
+def load_image(path: str | Path, what: str = "image") -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{what}: file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{what}: cannot read {path}: {e}") from None
+
+
+def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Fill (width, height) keeping the aspect ratio, cropping the overflow (official demo)."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    left = (resized.width - width) // 2
+    top = (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def image_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [-1, 1], the same arithmetic as diffusers' VaeImageProcessor."""
+    pixels = np.asarray(resize_and_center_crop(image, width, height)).astype(np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def prompt_crop_start(tokenizer) -> int:
+    """Tokens of the template before the user text (95 for the Llama 3 tokenizer)."""
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    return len(tokenizer(prefix, add_special_tokens=True).input_ids)
+
+
+@torch.no_grad()
+def encode_prompt(c: Components, text: str) -> TextEmbedding:
+    crop = prompt_crop_start(c.tokenizer)
+    tokens = c.tokenizer(
+        [PROMPT_TEMPLATE.format(text)],
+        max_length=MAX_PROMPT_TOKENS + crop,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
+    ids, mask = tokens.input_ids.to(c.device), tokens.attention_mask.to(c.device)
+    hidden = c.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    embeds = hidden[-(LLAMA_SKIP_LAYERS + 1)][:, crop:]
+    clip_ids = c.tokenizer_2([text], padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt")
+    pooled = c.text_encoder_2(clip_ids.input_ids.to(c.device), output_hidden_states=False).pooler_output
+    return TextEmbedding(embeds=embeds, mask=mask[:, crop:], pooled=pooled)
+
+
+@torch.no_grad()
+def encode_siglip(c: Components, pixels: torch.Tensor) -> torch.Tensor:
+    inputs = c.feature_extractor(images=(pixels + 1) / 2.0, return_tensors="pt", do_rescale=False)
+    inputs = inputs.to(device=c.device, dtype=c.image_encoder.dtype)
+    return c.image_encoder(**inputs).last_hidden_state
+
+
+@torch.no_grad()
+def encode_latent(c: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(1, 16, 1, h, w) float32: a posterior sample, drawn from `generator` as the reference does."""
+    video = pixels.unsqueeze(2).to(device=c.device, dtype=c.vae.dtype)
+    latent = c.vae.encode(video).latent_dist.sample(generator=generator)
+    return (latent * c.vae.config.scaling_factor).to(torch.float32)
+
+
+def encode(
+    c: Components,
+    prompts: list[str],
+    start: Image.Image,
+    width: int,
+    height: int,
+    seed: int,
+    end: Image.Image | None = None,
+) -> Conditioning:
+    """Encode a request's prompts and images. Latent samples use the request's noise stream
+    (start image, then end image), so section noise that follows stays reproducible."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    start_pixels = image_tensor(start, width, height)
+    image_embeds = encode_siglip(c, start_pixels)
+    start_latent = encode_latent(c, start_pixels, generator)
+    end_latent = None
+    if end is not None:
+        end_pixels = image_tensor(end, width, height)
+        # The end image's SigLIP embedding reaches every section, averaged with the start's
+        # (FramePack PR 167); the reference pipeline computes this average and drops it.
+        image_embeds = (image_embeds + encode_siglip(c, end_pixels)) / 2
+        end_latent = encode_latent(c, end_pixels, generator)
+    text = {p: encode_prompt(c, p) for p in dict.fromkeys(prompts)}
+    return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent)

@@ -1,0 +1,123 @@
+"""Checkpoint loading: every component through `from_pretrained`, local folder or hub id."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipImageProcessor, SiglipVisionModel
+
+BASE_MODEL = "hunyuanvideo-community/HunyuanVideo"  # text encoders, tokenizers, VAE, scheduler
+IMAGE_ENCODER_MODEL = "lllyasviel/flux_redux_bfl"  # SigLIP + its processor
+TRANSFORMERS = {"inverted": "lllyasviel/FramePackI2V_HY", "forward": "lllyasviel/FramePack_F1_I2V_HY_20250503"}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or hub id that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each component comes from: (repo or folder, subfolder)."""
+
+    transformer: tuple[str, str | None]
+    base: str
+    image_encoder: str
+
+    @classmethod
+    def resolve(cls, model: str, base: str = BASE_MODEL, image_encoder: str = IMAGE_ENCODER_MODEL) -> "ModelSources":
+        """A folder holding `transformer/` carries every component (the tiny checkpoint's
+        layout); otherwise `model` is the transformer alone and the rest come from `base`
+        and `image_encoder`."""
+        path = Path(model).expanduser()
+        if (path / "transformer").is_dir():
+            return cls((str(path), "transformer"), str(path), str(path))
+        if path.is_dir():
+            return cls((str(path), None), base, image_encoder)
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise ModelNotFoundError(f"model folder not found: {model}")
+        return cls((model, None), base, image_encoder)
+
+
+@dataclass
+class Components:
+    transformer: HunyuanVideoFramepackTransformer3DModel
+    vae: AutoencoderKLHunyuanVideo
+    text_encoder: LlamaModel
+    tokenizer: object
+    text_encoder_2: CLIPTextModel
+    tokenizer_2: object
+    image_encoder: SiglipVisionModel
+    feature_extractor: SiglipImageProcessor
+    scheduler_config: dict
+    device: torch.device
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+
+def default_dtypes(device: torch.device) -> dict[str, torch.dtype]:
+    """The official demo's precisions on GPU (bf16 transformer, fp16 encoders and VAE); fp32 on CPU."""
+    if device.type == "cpu":
+        return {"transformer": torch.float32, "encoders": torch.float32, "vae": torch.float32}
+    return {"transformer": torch.bfloat16, "encoders": torch.float16, "vae": torch.float16}
+
+
+def _load(cls, repo: str, subfolder: str | None, **kwargs):
+    try:
+        return cls.from_pretrained(repo, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as e:
+        where = f"{repo}/{subfolder}" if subfolder else repo
+        raise ModelNotFoundError(f"cannot load {cls.__name__} from {where}: {str(e).splitlines()[0]}") from e
+
+
+def load_components(
+    model: str,
+    device: str | torch.device = "cpu",
+    transformer_dtype: torch.dtype | None = None,
+    base: str = BASE_MODEL,
+    image_encoder: str = IMAGE_ENCODER_MODEL,
+    vae_tile_size: int = 256,
+) -> Components:
+    """Load a FramePack checkpoint. The VAE decodes in spatial tiles of `vae_tile_size`
+    pixels, bounding decode memory at any resolution (smaller frames are not tiled)."""
+    device = torch.device(device)
+    sources = ModelSources.resolve(model, base, image_encoder)
+    dtypes = default_dtypes(device)
+    enc = dtypes["encoders"]
+    transformer = _load(
+        HunyuanVideoFramepackTransformer3DModel, *sources.transformer, torch_dtype=transformer_dtype or dtypes["transformer"]
+    )
+    vae = _load(AutoencoderKLHunyuanVideo, sources.base, "vae", torch_dtype=dtypes["vae"])
+    vae.enable_tiling(tile_sample_min_height=vae_tile_size, tile_sample_min_width=vae_tile_size)
+    components = Components(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=_load(LlamaModel, sources.base, "text_encoder", torch_dtype=enc),
+        tokenizer=_load(AutoTokenizer, sources.base, "tokenizer"),
+        text_encoder_2=_load(CLIPTextModel, sources.base, "text_encoder_2", torch_dtype=enc),
+        tokenizer_2=_load(AutoTokenizer, sources.base, "tokenizer_2"),
+        image_encoder=_load(SiglipVisionModel, sources.image_encoder, "image_encoder", torch_dtype=enc),
+        feature_extractor=_load(SiglipImageProcessor, sources.image_encoder, "feature_extractor"),
+        scheduler_config=_scheduler_config(sources.base),
+        device=device,
+    )
+    for module in (components.transformer, components.vae, components.text_encoder, components.text_encoder_2, components.image_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return components
+
+
+def _scheduler_config(base: str) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(_load(FlowMatchEulerDiscreteScheduler, base, "scheduler").config)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_components(model: str, device: str = "cpu") -> Components:
+    """One resident copy per process (CLI, tests, actors)."""
+    return load_components(model, device)

@@ -1,0 +1,146 @@
+"""The one request type, validated once at the edge (CLI, HTTP, manifest row)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import SAMPLE_IMAGE, TINY_CHECKPOINT
+from .schedule import SCHEDULES
+
+MAX_SECONDS = 600.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+PIXEL_FRAMES_PER_LATENT = 4
+
+
+class RequestError(ValueError):
+    """A request a user must fix; the message names the field and the offending value."""
+
+
+_TIMESTAMP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s\s*:\s*(.*?)\s*$", re.S)
+
+
+def parse_prompts(text: str) -> list[tuple[float, str]]:
+    """'0s: a cat sits; 4s: the cat jumps' -> [(0.0, 'a cat sits'), (4.0, 'the cat jumps')].
+
+    A prompt without timestamps is one prompt from 0 s. Timestamps must start at 0 and
+    increase; parts are separated by ';' or new lines.
+    """
+    parts = [p for p in re.split(r"[;\n]", text) if p.strip()]
+    matches = [_TIMESTAMP.match(p) for p in parts]
+    if not any(matches):
+        return [(0.0, text.strip())]
+    if not all(matches):
+        bad = next(p for p, m in zip(parts, matches) if not m)
+        raise RequestError(f"prompt: every part needs a timestamp like '4s: ...' once one has; got {bad.strip()!r}")
+    prompts = [(float(m.group(1)), m.group(2)) for m in matches]
+    times = [t for t, _ in prompts]
+    if times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
+        raise RequestError(f"prompt: timestamps must start at 0s and increase, got {times}")
+    if any(not p for _, p in prompts):
+        raise RequestError("prompt: a timestamped part is empty")
+    return prompts
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def bucket_size(image_width: int, image_height: int, resolution: int) -> tuple[int, int]:
+    """(width, height), multiples of 16, about resolution^2 pixels, the image's aspect ratio."""
+    scale = resolution / math.sqrt(image_width * image_height)
+    w = max(MIN_SIDE, round(image_width * scale / 16) * 16)
+    h = max(MIN_SIDE, round(image_height * scale / 16) * 16)
+    return w, h
+
+
+class RenderRequest(BaseModel):
+    """An image-to-video render. Defaults follow the official FramePack demo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    image: str | None = None  # path; None renders the sample image the package ships
+    end_image: str | None = None
+    seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    schedule: Literal["forward", "inverted", "bidirectional"] = "inverted"
+    sampler: Literal["unipc", "euler"] = "unipc"
+    steps: int = Field(default=25, ge=1, le=100)
+    guidance: float = Field(default=10.0, ge=1.0, le=32.0)  # distilled guidance
+    seed: int = Field(default=31337, ge=0, le=2**63 - 1)
+    width: int | None = None
+    height: int | None = None
+    resolution: int = Field(default=640, ge=MIN_SIDE, le=MAX_SIDE)  # bucket when no size is given
+    window: int = Field(default=9, ge=1, le=33)  # latent_window_size
+    fps: int = Field(default=30, ge=1, le=120)
+    crf: int = Field(default=16, ge=0, le=51)
+    model: str = str(TINY_CHECKPOINT)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int | None, info) -> int | None:
+        if v is None:
+            return v
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16, got {v}")
+        if not MIN_SIDE <= v <= MAX_SIDE:
+            raise ValueError(f"must be between {MIN_SIDE} and {MAX_SIDE}, got {v}")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        parse_prompts(v)
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self) -> "RenderRequest":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("size: give both width and height, or neither")
+        if self.end_image is not None and self.schedule == "forward":
+            raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
+        return self
+
+    @property
+    def image_path(self) -> Path:
+        return Path(self.image) if self.image else SAMPLE_IMAGE
+
+    @property
+    def prompts(self) -> list[tuple[float, str]]:
+        return parse_prompts(self.prompt)
+
+    @property
+    def seconds_per_section(self) -> float:
+        return self.window * PIXEL_FRAMES_PER_LATENT / self.fps
+
+    @property
+    def num_sections(self) -> int:
+        """As the official demo: round(seconds * fps / (window * 4)), at least one."""
+        return max(1, round(self.seconds / self.seconds_per_section))
+
+
+def make_request(**fields) -> RenderRequest:
+    """Build a request, turning pydantic's errors into one line a user can act on."""
+    try:
+        return RenderRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "request"
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            msgs.append(f"{where}: {msg}{shown}")
+        raise RequestError("; ".join(msgs)) from None
+
+
+__all__ = ["RenderRequest", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]

@@ -1,0 +1,123 @@
+"""Per-section flow-matching sampling with diffusers schedulers.
+
+euler: FlowMatchEulerDiscreteScheduler from the checkpoint's scheduler config, driven
+exactly as diffusers' HunyuanVideoFramepackPipeline drives it.
+unipc: UniPC (bh1) on flow sigmas, shifted by mu = min(flux mu, ln 7), as the official demo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from .encode import TextEmbedding
+from .packing import PackedIndices
+
+SAMPLERS = ("unipc", "euler")
+MAX_SHIFT_EXP = 7.0
+
+
+@dataclass(frozen=True)
+class PackedContext:
+    """The clean latents a section reads, with their RoPE indices. float32, (1, 16, T, h, w)."""
+
+    clean: torch.Tensor  # prefix + 1x, T = 2
+    history_2x: torch.Tensor  # T = 2
+    history_4x: torch.Tensor  # T = 16
+    indices: PackedIndices
+
+
+def flux_mu(sequence_length: float, base_len: int = 256, max_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift, capped at ln 7 as FramePack does."""
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = sequence_length * slope + (base_shift - slope * base_len)
+    return min(mu, math.log(MAX_SHIFT_EXP))
+
+
+def make_scheduler(sampler: str, scheduler_config: dict):
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(
+            num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            use_dynamic_shifting=True,
+            time_shift_type="exponential",
+            solver_type="bh1",
+            solver_order=2,
+        )
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def noise_draw(seed: int, prior: list[tuple[tuple[int, ...], torch.dtype]], shape: tuple[int, ...]) -> torch.Tensor:
+    """The draw after `prior` draws from a CPU generator seeded with `seed`.
+
+    The reference takes every random number from one generator: image latents first,
+    then each section's noise in generation order. Replaying the stream up to a section
+    makes its noise a pure function of (seed, its order), wherever and whenever it runs.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    for prior_shape, dtype in prior:
+        randn_tensor(prior_shape, generator=generator, dtype=dtype)
+    return randn_tensor(shape, generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_section(
+    transformer,
+    scheduler_config: dict,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    noise: torch.Tensor,
+    text: TextEmbedding,
+    image_embeds: torch.Tensor,
+    context: PackedContext,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise one window: noise (1, 16, window, h, w) float32 -> clean latents, same shape."""
+    device, dtype = transformer.device, transformer.dtype
+    scheduler = make_scheduler(sampler, scheduler_config)
+    patch = transformer.config.patch_size
+    _, _, frames, height, width = noise.shape
+    mu = flux_mu(
+        frames * height * width / patch**2,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device, mu=mu)
+    # The transformer is conditioned on sigma * 1000; UniPC's integer timesteps round it.
+    model_times = scheduler.timesteps if sampler == "euler" else scheduler.sigmas[:-1].to(device) * 1000.0
+
+    idx = context.indices
+    fixed = dict(
+        encoder_hidden_states=text.embeds.to(device, dtype),
+        encoder_attention_mask=text.mask.to(device, dtype),
+        pooled_projections=text.pooled.to(device, dtype),
+        image_embeds=image_embeds.to(device, dtype),
+        indices_latents=idx.latents,
+        guidance=torch.tensor([guidance], dtype=dtype, device=device) * 1000.0,
+        latents_clean=context.clean.to(device, dtype),
+        indices_latents_clean=idx.clean,
+        latents_history_2x=context.history_2x.to(device, dtype),
+        indices_latents_history_2x=idx.history_2x,
+        latents_history_4x=context.history_4x.to(device, dtype),
+        indices_latents_history_4x=idx.history_4x,
+        return_dict=False,
+    )
+    latents = noise.to(device)
+    for i, t in enumerate(scheduler.timesteps):
+        velocity = transformer(hidden_states=latents.to(dtype), timestep=model_times[i].expand(1), **fixed)[0]
+        latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, steps)
+    return latents

@@ -1,0 +1,220 @@
+"""Schedules: the order sections are generated in and the clean context each one reads.
+
+A plan is a DAG of sections. Positions count sections in video time (0 = right after the
+start image); the full latent video is [start image latent, section 0, ..., section N-1].
+
+- forward (vanilla / F1): time order; context = start image + the nearest past.
+- inverted (FramePackI2V_HY's own order): last section first, back to the start;
+  context = start image as prefix, a padding gap, the nearest future.
+- bidirectional: wave 0 generates the end section (the start endpoint is the image
+  itself); every later wave fills the midpoints of the remaining gaps. A fill reads its
+  left neighbour's last latent frame as prefix and its right neighbour (plus whatever is
+  contiguous after it) as 1x/2x/4x history, on the inverted checkpoint's layout: padding
+  encodes the gap to the left anchor, `gap` the gap to the right one (both capped at 3
+  windows, as the reference caps padding). Fills of one wave are independent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .packing import HISTORY_FRAMES, ContextLayout, ContextTokens, context_tokens
+
+ScheduleName = Literal["forward", "inverted", "bidirectional"]
+SCHEDULES: tuple[str, ...] = ("forward", "inverted", "bidirectional")
+MAX_GAP_WINDOWS = 3  # the reference never pads more than 3 windows
+
+
+@dataclass(frozen=True)
+class Section:
+    """One window at a fixed place in the video and the clean context it reads."""
+
+    position: int  # place in video time, 0..N-1
+    order: int  # generation order; also the index into the request's noise stream
+    wave: int  # sections of one wave depend only on earlier waves
+    layout: ContextLayout
+    prefix: int | None  # section whose last latent frame is the prefix; None = start image
+    history: tuple[int, ...]  # sections read as 1x/2x/4x history, in time order
+    history_starts_with_end: bool  # the end image latent leads the history (inverted/bidirectional)
+    prompt: str
+    decode_span: tuple[int, int]  # [start, stop) in full-video latent frames, decoded as one chunk
+    decode_needs: tuple[int, ...]  # sections whose latents the decode span covers
+
+    @property
+    def depends_on(self) -> tuple[int, ...]:
+        deps = set(self.history)
+        if self.prefix is not None:
+            deps.add(self.prefix)
+        return tuple(sorted(deps))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A schedule applied to one request."""
+
+    schedule: ScheduleName
+    window: int
+    latent_height: int
+    latent_width: int
+    sections: tuple[Section, ...] = field(repr=False)  # in generation order
+
+    @property
+    def num_sections(self) -> int:
+        return len(self.sections)
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + self.num_sections * self.window
+
+    @property
+    def pixel_frames(self) -> int:
+        return (self.latent_frames - 1) * 4 + 1
+
+    @property
+    def overlap_frames(self) -> int:
+        """Pixel frames shared by neighbouring decode chunks (the reference soft-append)."""
+        return (self.window - 1) * 4 + 1
+
+    def by_position(self) -> list[Section]:
+        return sorted(self.sections, key=lambda s: s.position)
+
+    def waves(self) -> list[list[Section]]:
+        out: dict[int, list[Section]] = {}
+        for s in self.sections:
+            out.setdefault(s.wave, []).append(s)
+        return [out[w] for w in sorted(out)]
+
+    def tokens(self) -> ContextTokens:
+        return context_tokens(self.window, self.latent_height, self.latent_width)
+
+
+def inverted_paddings(num_sections: int) -> list[int]:
+    """Reference padding rule, in generation order (windows of gap after the prefix)."""
+    if num_sections > 4:
+        return [3] + [2] * (num_sections - 3) + [1, 0]
+    return list(reversed(range(num_sections)))
+
+
+def section_prompt(prompts: list[tuple[float, str]], start_seconds: float) -> str:
+    """The prompt in force at a section's start: the last one whose timestamp <= start."""
+    chosen = prompts[0][1]
+    for at, text in prompts:
+        if at <= start_seconds + 1e-9:
+            chosen = text
+    return chosen
+
+
+def _sections_in_history(window: int) -> int:
+    """Sections it takes to fill the 19-frame history; more are never read."""
+    return -(-HISTORY_FRAMES // window)
+
+
+def _future_run(position: int, num_sections: int, done: set[int], window: int) -> tuple[int, ...]:
+    """Sections from `position` on that are already generated and contiguous."""
+    run: list[int] = []
+    p = position
+    while p < num_sections and p in done and len(run) < _sections_in_history(window):
+        run.append(p)
+        p += 1
+    return tuple(run)
+
+
+def _decode_span(schedule: str, position: int, num_sections: int, window: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """Latent frames each section decodes, exactly as the reference soft-append consumes them.
+
+    forward decodes its own window plus the previous one (section 0: start image + own);
+    inverted/bidirectional decode their own window plus the next one (section 0 also
+    carries the start image; the last section decodes only its own window).
+    """
+    own = 1 + position * window
+    if num_sections == 1:
+        return (0, 1 + window), (0,)
+    if schedule == "forward":
+        if position == 0:
+            return (0, 1 + window), (0,)
+        return (own - window, own + window), (position - 1, position)
+    if position == num_sections - 1:
+        return (own, own + window), (position,)
+    start = 0 if position == 0 else own
+    return (start, own + 2 * window), (position, position + 1)
+
+
+def make_plan(
+    schedule: str,
+    num_sections: int,
+    window: int,
+    latent_height: int,
+    latent_width: int,
+    prompts: list[tuple[float, str]],
+    seconds_per_section: float,
+    has_end_image: bool = False,
+) -> Plan:
+    """Build the section DAG of a request. `prompts` are (start seconds, text), sorted."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if num_sections < 1:
+        raise ValueError(f"a plan needs at least one section, got {num_sections}")
+    if has_end_image and schedule == "forward":
+        raise ValueError("an end image needs the inverted or bidirectional schedule; forward has no future context")
+
+    # (position, wave, layout, prefix, history, history_starts_with_end) in generation order
+    steps: list[tuple[int, int, ContextLayout, int | None, tuple[int, ...], bool]] = []
+    if schedule == "forward":
+        for p in range(num_sections):
+            past = tuple(range(max(0, p - _sections_in_history(window)), p))
+            steps.append((p, p, ContextLayout("forward", window), None, past, False))
+    elif schedule == "inverted":
+        for k, pad in enumerate(inverted_paddings(num_sections)):
+            p = num_sections - 1 - k
+            future = tuple(range(p + 1, min(num_sections, p + 1 + _sections_in_history(window))))
+            layout = ContextLayout("inverted", window, padding=pad * window)
+            steps.append((p, k, layout, None, future, has_end_image and k == 0))
+    else:
+        done: set[int] = set()
+        end = num_sections - 1
+        pad = min(end, MAX_GAP_WINDOWS) * window
+        steps.append((end, 0, ContextLayout("inverted", window, padding=pad), None, (), has_end_image))
+        done.add(end)
+        gaps = [(-1, end)]
+        wave = 1
+        while gaps:
+            next_gaps = []
+            wave_steps = []
+            for left, right in gaps:
+                if right - left <= 1:
+                    continue
+                m = (left + right + 1) // 2  # ceil: the fill nearest the right anchor comes first
+                layout = ContextLayout(
+                    "inverted",
+                    window,
+                    padding=min(m - left - 1, MAX_GAP_WINDOWS) * window,
+                    gap=min(right - m - 1, MAX_GAP_WINDOWS) * window,
+                )
+                history = _future_run(right, num_sections, done, window)
+                prefix = None if left < 0 else left
+                wave_steps.append((m, wave, layout, prefix, history, False))
+                next_gaps += [(left, m), (m, right)]
+            done.update(s[0] for s in wave_steps)
+            steps += sorted(wave_steps)
+            gaps = [g for g in next_gaps if g[1] - g[0] > 1]
+            wave += 1
+
+    sections = []
+    for order, (p, wave, layout, prefix, history, with_end) in enumerate(steps):
+        span, needs = _decode_span(schedule, p, num_sections, window)
+        sections.append(
+            Section(
+                position=p,
+                order=order,
+                wave=wave,
+                layout=layout,
+                prefix=prefix,
+                history=history,
+                history_starts_with_end=with_end,
+                prompt=section_prompt(prompts, p * seconds_per_section),
+                decode_span=span,
+                decode_needs=needs,
+            )
+        )
+    return Plan(schedule, window, latent_height, latent_width, tuple(sections))
