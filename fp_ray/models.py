@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,18 @@ from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipImagePr
 BASE_MODEL = "hunyuanvideo-community/HunyuanVideo"  # text encoders, tokenizers, VAE, scheduler
 IMAGE_ENCODER_MODEL = "lllyasviel/flux_redux_bfl"  # SigLIP + its processor
 TRANSFORMERS = {"inverted": "lllyasviel/FramePackI2V_HY", "forward": "lllyasviel/FramePack_F1_I2V_HY_20250503"}
+
+
+DEFAULT_RESOLUTION = 640  # the official demo's bucket
+
+
+def default_resolution(model: str) -> int:
+    """The bucket side a checkpoint renders at when a request names no size: the official
+    640, unless the folder's fp_ray.json says otherwise (the tiny checkpoint: small, for CPUs)."""
+    meta = Path(model).expanduser() / "fp_ray.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text()).get("default_resolution", DEFAULT_RESOLUTION))
+    return DEFAULT_RESOLUTION
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -13,7 +13,7 @@ import torch
 from .decode import assemble, decode_chunk, decode_input, full_latents, to_frames
 from .encode import Conditioning, encode, load_image
 from .generate import generate_section
-from .models import Components, cached_components
+from .models import Components, cached_components, default_resolution
 from .request import RenderRequest, bucket_size
 from .schedule import Plan, make_plan
 from .video import write_mp4
@@ -27,7 +27,7 @@ OnEvent = Callable[[Event], None]
 def frame_size(request: RenderRequest, image_width: int, image_height: int) -> tuple[int, int]:
     if request.width is not None:
         return request.width, request.height
-    return bucket_size(image_width, image_height, request.resolution)
+    return bucket_size(image_width, image_height, request.resolution or default_resolution(request.model))
 
 
 def plan_request(request: RenderRequest, width: int, height: int) -> Plan:

@@ -13,7 +13,7 @@ from . import SAMPLE_IMAGE, TINY_CHECKPOINT
 from .schedule import SCHEDULES
 
 MAX_SECONDS = 600.0
-MIN_SIDE, MAX_SIDE = 64, 2048
+MIN_SIDE, MAX_SIDE = 32, 2048
 PIXEL_FRAMES_PER_LATENT = 4
 
 
@@ -77,7 +77,7 @@ class RenderRequest(BaseModel):
     seed: int = Field(default=31337, ge=0, le=2**63 - 1)
     width: int | None = None
     height: int | None = None
-    resolution: int = Field(default=640, ge=MIN_SIDE, le=MAX_SIDE)  # bucket when no size is given
+    resolution: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)  # bucket side; None: the model's
     window: int = Field(default=9, ge=1, le=33)  # latent_window_size
     fps: int = Field(default=30, ge=1, le=120)
     crf: int = Field(default=16, ge=0, le=51)
@@ -138,7 +138,7 @@ def make_request(**fields) -> RenderRequest:
             where = ".".join(str(x) for x in err["loc"]) or "request"
             msg = err["msg"].removeprefix("Value error, ")
             value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            shown = "" if isinstance(value, dict) or "got" in msg else f" (got {value!r})"
             msgs.append(f"{where}: {msg}{shown}")
         raise RequestError("; ".join(msgs)) from None
 

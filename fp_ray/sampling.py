@@ -115,9 +115,15 @@ def sample_section(
         return_dict=False,
     )
     latents = noise.to(device)
+    last = len(scheduler.timesteps) - 1
     for i, t in enumerate(scheduler.timesteps):
         velocity = transformer(hidden_states=latents.to(dtype), timestep=model_times[i].expand(1), **fixed)[0]
-        latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+        if sampler == "unipc" and i == last:
+            # bh1's step to sigma = 0 divides by log(0); the official sampler instead returns
+            # the model's clean prediction at the last sigma, x0 = x - sigma * v.
+            latents = latents - scheduler.sigmas[i].to(device) * velocity.float()
+        else:
+            latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, steps)
     return latents

@@ -27,13 +27,15 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS)}
-            stream.codec_context.flags |= "BITEXACT"
             for i in range(frames_count):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
                 for packet in stream.encode(frame):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a video is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
+from fp_ray.generate import generate_section
+from fp_ray.render import encode_request, render
+from fp_ray.request import make_request
+from fp_ray.video import read_frames
+
+SMALL = dict(prompt="a quiet valley", width=64, height=48, steps=2)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_request_same_bytes(components, tmp_path):
+    request = make_request(**SMALL, seconds=2.4)
+    a = render(request, tmp_path / "a.mp4", components=components)
+    b = render(request, tmp_path / "b.mp4", components=components)
+    assert sha(a.path) == sha(b.path)
+    frames = read_frames(a.path)
+    assert frames.shape == (a.plan.pixel_frames, 48, 64, 3) == (73, 48, 64, 3)
+    other = render(make_request(**{**SMALL, "seed": 1}, seconds=2.4), tmp_path / "c.mp4", components=components)
+    assert sha(other.path) != sha(a.path)
+
+
+def test_unipc_default_sampler_is_finite(components):
+    result = render(make_request(**{**SMALL, "steps": 4}, seconds=1.2), None, components=components)
+    assert torch.isfinite(result.latents).all()
+    assert result.frames.std() > 10
+
+
+def test_bidirectional_any_valid_order_gives_the_same_latents(components):
+    """Sections read only their dependencies and their own noise draw, so running a wave's
+    fills in another order (as parallel actors would) changes nothing."""
+    request = make_request(**SMALL, schedule="bidirectional", seconds=6.0, sampler="euler")
+    plan, cond = encode_request(components, request)
+    assert plan.num_sections == 5
+
+    def run(order_within_wave):
+        done = {}
+        for wave in plan.waves():
+            for section in order_within_wave(wave):
+                done[section.position] = generate_section(
+                    components, plan, section, cond, done, seed=request.seed, sampler="euler", steps=2, guidance=10.0
+                )
+        return done
+
+    forward = run(lambda w: w)
+    backward = run(lambda w: list(reversed(w)))
+    assert any(len(w) > 1 for w in plan.waves())
+    for p in range(plan.num_sections):
+        assert torch.equal(forward[p], backward[p])
+
+    # decode order does not matter either
+    chunks = {s.position: decode_chunk(components.vae, decode_input(plan, s, cond, forward)) for s in reversed(plan.by_position())}
+    video = assemble([chunks[p] for p in range(plan.num_sections)], plan.overlap_frames)
+    assert video.shape[2] == plan.pixel_frames
+    local = render(request, None, components=components)
+    assert np.array_equal(to_frames(video), local.frames)
+
+
+def test_previews_written_per_section(components, tmp_path):
+    request = make_request(**SMALL, seconds=3.6)
+    result = render(request, tmp_path / "v.mp4", components=components, preview_dir=tmp_path / "prev")
+    previews = sorted((tmp_path / "prev").glob("section_*.mp4"))
+    assert len(previews) == result.plan.num_sections == 3
+    lengths = [len(read_frames(p)) for p in previews]
+    assert lengths == [73, 69, 33]  # start image + 2 windows, 2 windows, the last window
+
+
+def test_section_prompts_are_encoded_separately(components):
+    request = make_request(**{**SMALL, "prompt": "0s: a calm lake; 2s: a storm over the lake"}, seconds=3.6)
+    plan, cond = encode_request(components, request)
+    assert set(cond.text) == {"a calm lake", "a storm over the lake"}
+    assert not torch.equal(cond.text["a calm lake"].embeds, cond.text["a storm over the lake"].embeds)
+
+
+def test_events_report_every_section_and_step(components):
+    events = []
+    render(make_request(**SMALL, seconds=2.4), None, components=components, on_event=events.append)
+    kinds = [e["type"] for e in events]
+    assert kinds.count("section_finished") == 2 and kinds.count("step") == 4 and kinds[-1] == "finished"

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fp_ray.video import read_frames, write_mp4
+
+
+def test_roundtrip_keeps_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 255, (5, 1, 32, 48, 3), dtype=np.uint8), 1, axis=1)[:, 0]
+    frames[:] = np.linspace(0, 255, 48, dtype=np.uint8)[None, None, :, None]  # smooth, compresses well
+    path = write_mp4(frames, tmp_path / "sub" / "v.mp4", fps=30, crf=0)
+    back = read_frames(path)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3
+    assert (path.stat().st_mode & 0o777) != 0o600
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    bad = np.zeros((2, 31, 47, 3), dtype=np.uint8)  # odd sizes: yuv420p refuses
+    with pytest.raises(Exception):
+        write_mp4(bad, tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
