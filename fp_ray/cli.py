@@ -12,6 +12,7 @@ from .models import ModelNotFoundError, ModelSources
 from .request import RenderRequest, RequestError, make_request, parse_size
 from .schedule import SCHEDULES
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
 
 
@@ -103,7 +104,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     if out.suffix.lower() != ".mp4":
         raise CliError(f"--out must name an .mp4 file, got {args.out}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    components = load_components(request.model, device)
+    components = load_components(request.model, device, DTYPES.get(args.dtype))
     bars: dict[str, tqdm] = {}
 
     def on_event(e: dict) -> None:
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--out", default="video.mp4", help="output mp4 (default %(default)s)")
     p_render.add_argument("--previews", help="folder for one preview mp4 per decoded section")
     p_render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p_render.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision (default: bf16 on GPU, fp32 on CPU)")
     p_render.set_defaults(func=cmd_render)
     p_plan = sub.add_parser("plan", help="print the section plan of a request")
     add_request_args(p_plan)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .encode import Conditioning
 from .packing import HISTORY_FRAMES, HISTORY_SIZES
-from .sampling import PackedContext, noise_draw, sample_section
+from .sampling import NoiseStream, PackedContext, sample_section
 from .schedule import Plan, Section
 
 LATENT_CHANNELS = 16
@@ -44,14 +44,11 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
     )
 
 
-def noise_shape(plan: Plan) -> tuple[int, ...]:
-    return (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
-
-
-def section_noise(plan: Plan, section: Section, seed: int, image_draws: list[tuple[tuple[int, ...], torch.dtype]]) -> torch.Tensor:
-    """The section's noise: draw number `order` after the image latents' draws."""
-    shape = noise_shape(plan)
-    return noise_draw(seed, image_draws + [(shape, torch.float32)] * section.order, shape)
+def noise_stream(components, plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
+    """The request's noise stream: the start (and end) image latent draws come first."""
+    image_draws = [(tuple(cond.start_latent.shape), components.vae.dtype)] * (1 if cond.end_latent is None else 2)
+    shape = (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
+    return NoiseStream(seed, image_draws, shape)
 
 
 def generate_section(
@@ -60,8 +57,8 @@ def generate_section(
     section: Section,
     cond: Conditioning,
     done: Mapping[int, torch.Tensor],
+    noise: NoiseStream,
     *,
-    seed: int,
     sampler: str,
     steps: int,
     guidance: float,
@@ -71,16 +68,13 @@ def generate_section(
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
-    vae_dtype = components.vae.dtype
-    image_shape = tuple(cond.start_latent.shape)
-    draws = [(image_shape, vae_dtype)] * (1 if cond.end_latent is None else 2)
     return sample_section(
         components.transformer,
         components.scheduler_config,
         sampler,
         steps,
         guidance,
-        noise=section_noise(plan, section, seed, draws),
+        noise=noise.draw(section.order),
         text=cond.text[section.prompt],
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),

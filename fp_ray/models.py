@@ -91,7 +91,7 @@ def _load(cls, repo: str, subfolder: str | None, **kwargs):
 def load_components(
     model: str,
     device: str | torch.device = "cpu",
-    transformer_dtype: torch.dtype | None = None,
+    transformer_dtype: torch.dtype | str | None = None,
     base: str = BASE_MODEL,
     image_encoder: str = IMAGE_ENCODER_MODEL,
     vae_tile_size: int = 256,
@@ -99,6 +99,8 @@ def load_components(
     """Load a FramePack checkpoint. The VAE decodes in spatial tiles of `vae_tile_size`
     pixels, bounding decode memory at any resolution (smaller frames are not tiled)."""
     device = torch.device(device)
+    if isinstance(transformer_dtype, str):
+        transformer_dtype = getattr(torch, transformer_dtype)
     sources = ModelSources.resolve(model, base, image_encoder)
     dtypes = default_dtypes(device)
     enc = dtypes["encoders"]

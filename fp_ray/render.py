@@ -12,7 +12,7 @@ import torch
 
 from .decode import assemble, decode_chunk, decode_input, full_latents, to_frames
 from .encode import Conditioning, encode, load_image
-from .generate import generate_section
+from .generate import generate_section, noise_stream
 from .models import Components, cached_components, default_resolution
 from .request import RenderRequest, bucket_size
 from .schedule import Plan, make_plan
@@ -80,14 +80,15 @@ def render(
     timings = {"encode": time.perf_counter() - t0, "generate": 0.0, "decode": 0.0}
     emit({"type": "plan", "sections": plan.num_sections, "frames": plan.pixel_frames})
 
+    noise = noise_stream(c, plan, cond, request.seed)
     done: dict[int, torch.Tensor] = {}
     chunks: dict[int, torch.Tensor] = {}
     for section in plan.sections:
         emit({"type": "section_started", "position": section.position, "order": section.order, "steps": request.steps})
         t = time.perf_counter()
         done[section.position] = generate_section(
-            c, plan, section, cond, done,
-            seed=request.seed, sampler=request.sampler, steps=request.steps, guidance=request.guidance,
+            c, plan, section, cond, done, noise,
+            sampler=request.sampler, steps=request.steps, guidance=request.guidance,
             on_step=lambda i, n, p=section.position: emit({"type": "step", "position": p, "step": i, "steps": n}),
         )
         elapsed = time.perf_counter() - t

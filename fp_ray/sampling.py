@@ -56,17 +56,38 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
-def noise_draw(seed: int, prior: list[tuple[tuple[int, ...], torch.dtype]], shape: tuple[int, ...]) -> torch.Tensor:
-    """The draw after `prior` draws from a CPU generator seeded with `seed`.
+Draw = tuple[tuple[int, ...], torch.dtype]
+
+
+class NoiseStream:
+    """The request's random stream: image-latent draws, then one draw per section.
 
     The reference takes every random number from one generator: image latents first,
-    then each section's noise in generation order. Replaying the stream up to a section
-    makes its noise a pure function of (seed, its order), wherever and whenever it runs.
+    then each section's noise in generation order. Section k's noise is draw k after the
+    image draws, so it is a pure function of (seed, k) wherever and whenever it is asked
+    for. Asking in increasing order (a local render) continues the generator; asking out
+    of order replays the stream from the seed.
     """
-    generator = torch.Generator("cpu").manual_seed(seed)
-    for prior_shape, dtype in prior:
-        randn_tensor(prior_shape, generator=generator, dtype=dtype)
-    return randn_tensor(shape, generator=generator, dtype=torch.float32)
+
+    def __init__(self, seed: int, image_draws: list[Draw], shape: tuple[int, ...]):
+        self.seed, self.image_draws, self.shape = seed, image_draws, shape
+        self._generator: torch.Generator | None = None
+        self._next = 0
+
+    def _restart(self) -> None:
+        self._generator = torch.Generator("cpu").manual_seed(self.seed)
+        for shape, dtype in self.image_draws:
+            randn_tensor(shape, generator=self._generator, dtype=dtype)
+        self._next = 0
+
+    def draw(self, order: int) -> torch.Tensor:
+        if self._generator is None or order < self._next:
+            self._restart()
+        while self._next < order:
+            randn_tensor(self.shape, generator=self._generator, dtype=torch.float32)
+            self._next += 1
+        self._next += 1
+        return randn_tensor(self.shape, generator=self._generator, dtype=torch.float32)
 
 
 @torch.no_grad()

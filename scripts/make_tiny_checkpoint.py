@@ -40,6 +40,7 @@ from transformers import (
 SEED = 20250417
 HIDDEN = 32  # text / image encoder width; the transformer's embed dims follow it
 IMAGE_SIZE = 32  # SigLIP input side (real: 384)
+SMALL_ENCODER = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 CORPUS = [
     "Describe the video by detailing the following aspects: 1. The main content and theme of the video.",
@@ -86,21 +87,14 @@ def llama_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def clip_tokenizer() -> CLIPTokenizer:
-    """CLIP-style BPE (lower-cased words with an end-of-word suffix) trained on the corpus."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    data = json.loads(tok.to_str())
-    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    """CLIP's BPE format (lower-cased, end-of-word suffix) over the corpus characters, no merges.
+
+    Written out rather than trained: the BPE trainer breaks frequency ties differently from
+    run to run, and the shipped checkpoint must be reproducible.
+    """
+    chars = sorted(set("".join(CORPUS).lower()) - {" "})
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def build(out: Path) -> None:
@@ -132,11 +126,8 @@ def build(out: Path) -> None:
 
     clip = CLIPTextModel(
         CLIPTextConfig(
+            **SMALL_ENCODER,
             vocab_size=len(tokenizer_2),
-            hidden_size=HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=HIDDEN,
             bos_token_id=tokenizer_2.bos_token_id,
@@ -148,10 +139,7 @@ def build(out: Path) -> None:
 
     siglip = SiglipVisionModel(
         SiglipVisionConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **SMALL_ENCODER,
             image_size=IMAGE_SIZE,
             patch_size=8,
         )

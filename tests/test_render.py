@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
-from fp_ray.generate import generate_section
+from fp_ray.generate import generate_section, noise_stream
 from fp_ray.render import encode_request, render
 from fp_ray.request import make_request
 from fp_ray.video import read_frames
@@ -45,10 +45,11 @@ def test_bidirectional_any_valid_order_gives_the_same_latents(components):
 
     def run(order_within_wave):
         done = {}
+        noise = noise_stream(components, plan, cond, request.seed)
         for wave in plan.waves():
             for section in order_within_wave(wave):
                 done[section.position] = generate_section(
-                    components, plan, section, cond, done, seed=request.seed, sampler="euler", steps=2, guidance=10.0
+                    components, plan, section, cond, done, noise, sampler="euler", steps=2, guidance=10.0
                 )
         return done
 
@@ -87,3 +88,19 @@ def test_events_report_every_section_and_step(components):
     render(make_request(**SMALL, seconds=2.4), None, components=components, on_event=events.append)
     kinds = [e["type"] for e in events]
     assert kinds.count("section_finished") == 2 and kinds.count("step") == 4 and kinds[-1] == "finished"
+
+
+def test_noise_stream_is_order_free():
+    from fp_ray.sampling import NoiseStream
+
+    draws = [((1, 16, 1, 4, 4), torch.float32)]
+    sequential = NoiseStream(5, draws, (1, 16, 3, 4, 4))
+    in_order = [sequential.draw(k) for k in range(4)]
+    shuffled = NoiseStream(5, draws, (1, 16, 3, 4, 4))
+    for k in (3, 0, 2, 1):
+        assert torch.equal(shuffled.draw(k), in_order[k])
+    # one generator drawing image latents then sections, as the reference does
+    g = torch.Generator().manual_seed(5)
+    torch.randn((1, 16, 1, 4, 4), generator=g)
+    reference = [torch.randn((1, 16, 3, 4, 4), generator=g) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(in_order, reference))

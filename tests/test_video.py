@@ -22,3 +22,14 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(Exception):
         write_mp4(bad, tmp_path / "v.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_frames_same_bytes(components, tmp_path):
+    """Rendered frames (the content on which x264's mb-tree and uninitialised plane padding
+    once made every write differ) encode to one byte string, write after write."""
+    from fp_ray.render import render
+    from fp_ray.request import make_request
+
+    frames = render(make_request(prompt="x", width=160, height=128, steps=2, seconds=1.2), None, components=components).frames
+    digests = {write_mp4(frames, tmp_path / f"v{i}.mp4").read_bytes() for i in range(10)}
+    assert len(digests) == 1
