@@ -24,7 +24,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideoFramepackTransformer3DModel,
 )
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,

@@ -3,7 +3,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pytest
 import torch
 
 from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
