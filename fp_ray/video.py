@@ -14,33 +14,6 @@ import numpy as np
 X264_THREADS = 4
 
 
-# BT.601 limited range, the conversion ffmpeg applies by default, as rows of (Y, Cb, Cr).
-_RGB_TO_YCBCR = np.array(
-    [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=np.float64
-) / 255.0
-_YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
-
-
-def yuv420p_frame(rgb: np.ndarray) -> av.VideoFrame:
-    """A yuv420p frame computed here, in numpy, from (H, W, 3) uint8 RGB.
-
-    x264 reads the row padding of the planes it is handed; frames converted by libswscale
-    or filled by from_ndarray leave that padding uninitialised, and the same video then
-    encodes to different bytes from run to run. Here every byte is written.
-    """
-    h, w, _ = rgb.shape
-    ycc = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T + _YCBCR_OFFSET
-    y = ycc[..., 0]
-    chroma = ycc[..., 1:].reshape(h // 2, 2, w // 2, 2, 2).mean(axis=(1, 3))  # 2x2 average
-    frame = av.VideoFrame(w, h, "yuv420p")
-    for plane, values in zip(frame.planes, (y, chroma[..., 0], chroma[..., 1])):
-        # Every byte of the buffer is written, row padding included (zeros).
-        rows = np.zeros((plane.height, plane.line_size), dtype=np.uint8)
-        rows[:, : plane.width] = np.clip(np.rint(values), 0, 255)
-        plane.update(rows)
-    return frame
-
-
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16) -> Path:
     """Encode (F, H, W, 3) uint8 frames as H.264 yuv420p. Written to a temporary file in the
     target folder and renamed into place, so a crash never leaves a truncated video."""
@@ -55,11 +28,11 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"
             stream.time_base = Fraction(1, fps)
-            # mbtree off: with it this x264 gives different bytes for the same frames from
-            # run to run; renders must be byte-identical wherever they run.
+            # mbtree off: with it x264 gave different bytes for the same frames from run to
+            # run (seen at every size tried); renders must be byte-identical wherever they run.
             stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS), "x264-params": "mbtree=0"}
             for i in range(frames_count):
-                frame = yuv420p_frame(frames[i])
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
                 frame.pts = i  # explicit timestamps: the encoder must not guess them
                 for packet in stream.encode(frame):
                     container.mux(packet)

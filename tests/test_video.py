@@ -25,8 +25,8 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 
 def test_same_frames_same_bytes(components, tmp_path):
-    """Rendered frames (the content on which x264's mb-tree and uninitialised plane padding
-    once made every write differ) encode to one byte string, write after write."""
+    """Rendered frames (the content on which x264's mb-tree once made writes differ) encode
+    to one byte string, write after write."""
     from fp_ray.render import render
     from fp_ray.request import make_request
 
