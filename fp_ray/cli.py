@@ -72,7 +72,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .render import frame_size, plan_request
+    from .encode import frame_size, plan_request
 
     request = request_from_args(args)
     width, height = frame_size(request, *load_image(request.image_path).size)

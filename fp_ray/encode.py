@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .models import Components
+from .models import Components, default_resolution
+from .request import RenderRequest, bucket_size
+from .schedule import Plan, make_plan
+from .storage import fingerprint, read_bytes
 
 # HunyuanVideo's prompt template (the text goes in the user turn).
 PROMPT_TEMPLATE = (
@@ -45,17 +49,36 @@ class Conditioning:
     image_embeds: torch.Tensor  # (1, tokens, D_siglip); start image, averaged with the end image if any
     start_latent: torch.Tensor  # (1, 16, 1, h, w) float32, VAE-scaled
     end_latent: torch.Tensor | None
+    vae_dtype: torch.dtype = torch.float32  # the image-latent noise draws were taken in it
+
+    def cpu(self) -> "Conditioning":
+        """A copy on the CPU, to hand to other processes (actors, the object store)."""
+        text = {k: TextEmbedding(*(t.cpu() for t in (v.embeds, v.mask, v.pooled))) for k, v in self.text.items()}
+        end = None if self.end_latent is None else self.end_latent.cpu()
+        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end)
 
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
+def read_image_bytes(location: str | Path, what: str = "image") -> bytes:
+    """The raw bytes of an image at a local path, http(s) URL or pyarrow.fs URI."""
     try:
-        with Image.open(path) as im:
+        return read_bytes(location)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ImageError(f"{what}: file not found: {location}") from None
+    except OSError as e:
+        raise ImageError(f"{what}: cannot read {location}: {e}") from None
+
+
+def decode_image(data: bytes, what: str = "image", location: str | Path = "") -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageError(f"{what}: file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{what}: cannot read {path}: {e}") from None
+        raise ImageError(f"{what}: cannot read {location}: {e}") from None
+
+
+def load_image(location: str | Path, what: str = "image") -> Image.Image:
+    return decode_image(read_image_bytes(location, what), what, location)
 
 
 def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -138,4 +161,50 @@ def encode(
         image_embeds = (image_embeds + encode_siglip(c, end_pixels)) / 2
         end_latent = encode_latent(c, end_pixels, generator)
     text = {p: encode_prompt(c, p) for p in dict.fromkeys(prompts)}
-    return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent)
+    return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent, vae_dtype=c.vae.dtype)
+
+
+LATENT_SCALE = 8  # VAE spatial compression
+
+
+def frame_size(request: RenderRequest, image_width: int, image_height: int) -> tuple[int, int]:
+    if request.width is not None:
+        return request.width, request.height
+    return bucket_size(image_width, image_height, request.resolution or default_resolution(request.model))
+
+
+def plan_request(request: RenderRequest, width: int, height: int) -> Plan:
+    return make_plan(
+        request.schedule,
+        request.num_sections,
+        request.window,
+        height // LATENT_SCALE,
+        width // LATENT_SCALE,
+        request.prompts,
+        request.seconds_per_section,
+        has_end_image=request.end_image is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A request ready to generate: its plan, its conditioning (on the CPU) and the
+    fingerprint of everything that decides its output (request fields + image bytes)."""
+
+    request: RenderRequest
+    plan: Plan
+    cond: Conditioning
+    fingerprint: str
+
+
+def encode_request(c: Components, request: RenderRequest) -> Encoded:
+    start_bytes = read_image_bytes(request.image_path, "image")
+    end_bytes = read_image_bytes(request.end_image, "end_image") if request.end_image else None
+    start = decode_image(start_bytes, "image", request.image_path)
+    end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None
+    width, height = frame_size(request, *start.size)
+    plan = plan_request(request, width, height)
+    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end)
+    # Where the images came from does not change the video; their bytes do.
+    key = request.model_dump_json(exclude={"image", "end_image"})
+    return Encoded(request, plan, cond.cpu(), fingerprint(key, start_bytes, end_bytes))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .encode import Conditioning
 from .packing import HISTORY_FRAMES, HISTORY_SIZES
-from .sampling import NoiseStream, PackedContext, sample_section
+from .sampling import NoiseStream, PackedContext, denoise
 from .schedule import Plan, Section
 
 LATENT_CHANNELS = 16
@@ -44,14 +44,14 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
     )
 
 
-def noise_stream(components, plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
+def noise_stream(plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
     """The request's noise stream: the start (and end) image latent draws come first."""
-    image_draws = [(tuple(cond.start_latent.shape), components.vae.dtype)] * (1 if cond.end_latent is None else 2)
+    image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * (1 if cond.end_latent is None else 2)
     shape = (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
     return NoiseStream(seed, image_draws, shape)
 
 
-def generate_section(
+def section_steps(
     components,
     plan: Plan,
     section: Section,
@@ -62,13 +62,13 @@ def generate_section(
     sampler: str,
     steps: int,
     guidance: float,
-    on_step: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """(1, 16, window, h, w) float32 clean latents of `section`. Pure in its inputs."""
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(step, steps, latents) after each step; the last latents are the section's clean
+    (1, 16, window, h, w) float32 latents, on the CPU. Pure in its inputs."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
-    return sample_section(
+    run = denoise(
         components.transformer,
         components.scheduler_config,
         sampler,
@@ -78,5 +78,14 @@ def generate_section(
         text=cond.text[section.prompt],
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),
-        on_step=on_step,
-    ).cpu()
+    )
+    for step, total, latents in run:
+        yield step, total, latents.cpu() if step == total else latents
+
+
+def generate_section(*args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> torch.Tensor:
+    """Run `section_steps` to the end: the section's clean latents."""
+    for step, total, latents in section_steps(*args, **kwargs):
+        if on_step is not None:
+            on_step(step, total)
+    return latents

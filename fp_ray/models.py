@@ -55,16 +55,21 @@ class ModelSources:
         return cls((model, None), base, image_encoder)
 
 
+PARTS = ("transformer", "vae", "encoders")  # what a worker may load: generator, decoder, encoder
+
+
 @dataclass
 class Components:
-    transformer: HunyuanVideoFramepackTransformer3DModel
-    vae: AutoencoderKLHunyuanVideo
-    text_encoder: LlamaModel
+    """The loaded checkpoint; parts a worker did not ask for are None."""
+
+    transformer: HunyuanVideoFramepackTransformer3DModel | None
+    vae: AutoencoderKLHunyuanVideo | None
+    text_encoder: LlamaModel | None
     tokenizer: object
-    text_encoder_2: CLIPTextModel
+    text_encoder_2: CLIPTextModel | None
     tokenizer_2: object
-    image_encoder: SiglipVisionModel
-    feature_extractor: SiglipImageProcessor
+    image_encoder: SiglipVisionModel | None
+    feature_extractor: SiglipImageProcessor | None
     scheduler_config: dict
     device: torch.device
 
@@ -95,34 +100,44 @@ def load_components(
     base: str = BASE_MODEL,
     image_encoder: str = IMAGE_ENCODER_MODEL,
     vae_tile_size: int = 256,
+    parts: tuple[str, ...] = PARTS,
 ) -> Components:
-    """Load a FramePack checkpoint. The VAE decodes in spatial tiles of `vae_tile_size`
-    pixels, bounding decode memory at any resolution (smaller frames are not tiled)."""
+    """Load a FramePack checkpoint, or only the `parts` a worker needs: "transformer"
+    (generators), "vae" (decoders), "encoders" (Llama, CLIP, SigLIP; encoders also need
+    "vae"). The VAE decodes in spatial tiles of `vae_tile_size` pixels, bounding decode
+    memory at any resolution (smaller frames are not tiled)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
     device = torch.device(device)
     if isinstance(transformer_dtype, str):
         transformer_dtype = getattr(torch, transformer_dtype)
     sources = ModelSources.resolve(model, base, image_encoder)
     dtypes = default_dtypes(device)
     enc = dtypes["encoders"]
-    transformer = _load(
-        HunyuanVideoFramepackTransformer3DModel, *sources.transformer, torch_dtype=transformer_dtype or dtypes["transformer"]
+    loaded: dict[str, object] = dict.fromkeys(
+        ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor")
     )
-    vae = _load(AutoencoderKLHunyuanVideo, sources.base, "vae", torch_dtype=dtypes["vae"])
-    vae.enable_tiling(tile_sample_min_height=vae_tile_size, tile_sample_min_width=vae_tile_size)
-    components = Components(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=_load(LlamaModel, sources.base, "text_encoder", torch_dtype=enc),
-        tokenizer=_load(AutoTokenizer, sources.base, "tokenizer"),
-        text_encoder_2=_load(CLIPTextModel, sources.base, "text_encoder_2", torch_dtype=enc),
-        tokenizer_2=_load(AutoTokenizer, sources.base, "tokenizer_2"),
-        image_encoder=_load(SiglipVisionModel, sources.image_encoder, "image_encoder", torch_dtype=enc),
-        feature_extractor=_load(SiglipImageProcessor, sources.image_encoder, "feature_extractor"),
-        scheduler_config=_scheduler_config(sources.base),
-        device=device,
-    )
+    if "transformer" in parts:
+        loaded["transformer"] = _load(
+            HunyuanVideoFramepackTransformer3DModel, *sources.transformer, torch_dtype=transformer_dtype or dtypes["transformer"]
+        )
+    if "vae" in parts:
+        loaded["vae"] = _load(AutoencoderKLHunyuanVideo, sources.base, "vae", torch_dtype=dtypes["vae"])
+        loaded["vae"].enable_tiling(tile_sample_min_height=vae_tile_size, tile_sample_min_width=vae_tile_size)
+    if "encoders" in parts:
+        loaded.update(
+            text_encoder=_load(LlamaModel, sources.base, "text_encoder", torch_dtype=enc),
+            tokenizer=_load(AutoTokenizer, sources.base, "tokenizer"),
+            text_encoder_2=_load(CLIPTextModel, sources.base, "text_encoder_2", torch_dtype=enc),
+            tokenizer_2=_load(AutoTokenizer, sources.base, "tokenizer_2"),
+            image_encoder=_load(SiglipVisionModel, sources.image_encoder, "image_encoder", torch_dtype=enc),
+            feature_extractor=_load(SiglipImageProcessor, sources.image_encoder, "feature_extractor"),
+        )
+    components = Components(**loaded, scheduler_config=_scheduler_config(sources.base), device=device)
     for module in (components.transformer, components.vae, components.text_encoder, components.text_encoder_2, components.image_encoder):
-        module.to(device).eval().requires_grad_(False)
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
     return components
 
 

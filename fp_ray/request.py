@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,8 +110,9 @@ class RenderRequest(BaseModel):
         return self
 
     @property
-    def image_path(self) -> Path:
-        return Path(self.image) if self.image else SAMPLE_IMAGE
+    def image_path(self) -> str:
+        """A local path, http(s) URL or pyarrow.fs URI; the sample image when none is given."""
+        return self.image or str(SAMPLE_IMAGE)
 
     @property
     def prompts(self) -> list[tuple[float, str]]:

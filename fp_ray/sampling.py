@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class NoiseStream:
 
 
 @torch.no_grad()
-def sample_section(
+def denoise(
     transformer,
     scheduler_config: dict,
     sampler: str,
@@ -101,9 +101,9 @@ def sample_section(
     text: TextEmbedding,
     image_embeds: torch.Tensor,
     context: PackedContext,
-    on_step: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """Denoise one window: noise (1, 16, window, h, w) float32 -> clean latents, same shape."""
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (step, steps, latents) after each sampler step; the last latents are the clean
+    section. A consumer that stops iterating stops the work between two steps."""
     device, dtype = transformer.device, transformer.dtype
     scheduler = make_scheduler(sampler, scheduler_config)
     patch = transformer.config.patch_size
@@ -145,6 +145,4 @@ def sample_section(
             latents = latents - scheduler.sigmas[i].to(device) * velocity.float()
         else:
             latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i + 1, steps)
-    return latents
+        yield i + 1, steps, latents

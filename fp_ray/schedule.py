@@ -79,6 +79,9 @@ class Plan:
     def by_position(self) -> list[Section]:
         return sorted(self.sections, key=lambda s: s.position)
 
+    def section(self, position: int) -> Section:
+        return next(s for s in self.sections if s.position == position)
+
     def waves(self) -> list[list[Section]]:
         out: dict[int, list[Section]] = {}
         for s in self.sections:

@@ -7,7 +7,8 @@ import torch
 
 from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
 from fp_ray.generate import generate_section, noise_stream
-from fp_ray.render import encode_request, render
+from fp_ray.encode import encode_request
+from fp_ray.render import render
 from fp_ray.request import make_request
 from fp_ray.video import read_frames
 
@@ -39,12 +40,13 @@ def test_bidirectional_any_valid_order_gives_the_same_latents(components):
     """Sections read only their dependencies and their own noise draw, so running a wave's
     fills in another order (as parallel actors would) changes nothing."""
     request = make_request(**SMALL, schedule="bidirectional", seconds=6.0, sampler="euler")
-    plan, cond = encode_request(components, request)
+    encoded = encode_request(components, request)
+    plan, cond = encoded.plan, encoded.cond
     assert plan.num_sections == 5
 
     def run(order_within_wave):
         done = {}
-        noise = noise_stream(components, plan, cond, request.seed)
+        noise = noise_stream(plan, cond, request.seed)
         for wave in plan.waves():
             for section in order_within_wave(wave):
                 done[section.position] = generate_section(
@@ -77,7 +79,8 @@ def test_previews_written_per_section(components, tmp_path):
 
 def test_section_prompts_are_encoded_separately(components):
     request = make_request(**{**SMALL, "prompt": "0s: a calm lake; 2s: a storm over the lake"}, seconds=3.6)
-    plan, cond = encode_request(components, request)
+    encoded = encode_request(components, request)
+    plan, cond = encoded.plan, encoded.cond
     assert set(cond.text) == {"a calm lake", "a storm over the lake"}
     assert not torch.equal(cond.text["a calm lake"].embeds, cond.text["a storm over the lake"].embeds)
 

@@ -1,0 +1,125 @@
+"""Where renders keep their work: a local folder or any `pyarrow.fs` URI (s3://, gs://, ...).
+
+Section checkpoints live at `{root}/{request_id}/{fingerprint[:16]}/section_{k:03d}.safetensors`:
+the request id names the render, the fingerprint (request fields + image bytes) makes sure a
+reused id with different content never reads stale sections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+from pyarrow import fs as pafs
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StorageError(OSError):
+    """A storage location or object that cannot be used; the message names it."""
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (ValueError, OSError) as e:
+        raise StorageError(f"cannot open storage {location}: {e}") from None
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The bytes of a local file, an http(s) URL or a pyarrow.fs URI (FileNotFoundError if absent)."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    if str(location).startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(str(location), timeout=30) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise FileNotFoundError(location) from None
+            raise StorageError(f"cannot fetch {location}: HTTP {e.code}") from None
+        except urllib.error.URLError as e:
+            raise StorageError(f"cannot fetch {location}: {e.reason}") from None
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Write atomically: readers see the old object or the whole new one, never a part."""
+    fs, path = filesystem(location)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # object stores publish an object only when its upload completes
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def fingerprint(request_json: str, *images: bytes | None) -> str:
+    """sha256 over what decides a render's output: the request and its image bytes."""
+    h = hashlib.sha256(request_json.encode())
+    for data in images:
+        h.update(b"\0" if data is None else hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+class SectionStore:
+    """Finished section latents of every render, keyed by request id, fingerprint and position."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = str(root)
+        filesystem(self.root)  # fail early on an unusable URI
+
+    def location(self, request_id: str, fingerprint: str, position: int) -> str:
+        if not SAFE_ID.match(request_id):
+            raise StorageError(f"request id {request_id!r} is not a safe name ([A-Za-z0-9._-], 1-128 chars)")
+        return join(self.root, request_id, fingerprint[:16], f"section_{position:03d}.safetensors")
+
+    def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor) -> str:
+        where = self.location(request_id, fingerprint, position)
+        meta = {"fingerprint": fingerprint, "position": str(position)}
+        write_bytes(where, save_safetensors({"latents": latents.contiguous()}, metadata=meta))
+        return where
+
+    def load(self, request_id: str, fingerprint: str, position: int) -> torch.Tensor | None:
+        """The section's latents, or None when it was never finished."""
+        try:
+            data = read_bytes(self.location(request_id, fingerprint, position))
+        except FileNotFoundError:
+            return None
+        return load_safetensors(data)["latents"]
+
+    def load_all(self, request_id: str, fingerprint: str, positions) -> dict[int, torch.Tensor]:
+        found = {p: self.load(request_id, fingerprint, p) for p in positions}
+        return {p: t for p, t in found.items() if t is not None}

@@ -1,0 +1,120 @@
+"""The three kinds of work a render is made of, each holding the model parts it needs.
+
+Ray actors, Ray Data stages and Serve replicas wrap these classes and add no model logic;
+`fp-ray render` runs them in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+
+from .decode import decode_chunk, decode_input
+from .encode import Conditioning, Encoded, encode_request
+from .generate import noise_stream, section_steps
+from .models import Components, load_components
+from .request import RenderRequest
+from .sampling import NoiseStream
+from .schedule import Plan
+from .storage import SectionStore
+
+
+class Cancelled(RuntimeError):
+    """The render was cancelled; the section stopped between two steps."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class SectionJob:
+    """One section to generate. `context` holds the latents of the sections it depends on."""
+
+    request_id: str
+    fingerprint: str
+    request: RenderRequest
+    plan: Plan
+    position: int
+    cond: Conditioning
+    context: Mapping[int, torch.Tensor]
+    store: str | None = None  # SectionStore root: the finished section is saved there first
+
+
+class EncoderWorker:
+    """Text encoders, SigLIP and the VAE encoder: request -> Encoded."""
+
+    def __init__(self, model: str, device: str | None = None, components: Components | None = None):
+        self.components = components or load_components(model, device or default_device(), parts=("vae", "encoders"))
+
+    def encode(self, request: RenderRequest) -> Encoded:
+        return encode_request(self.components, request)
+
+
+class GeneratorWorker:
+    """The transformer, resident: generates sections of any request, one at a time."""
+
+    NOISE_STREAMS = 8  # requests whose noise streams are kept warm
+
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, components: Components | None = None):
+        self.components = components or load_components(model, device or default_device(), dtype, parts=("transformer",))
+        self._noise: OrderedDict[str, NoiseStream] = OrderedDict()
+        self._cancelled: set[str] = set()
+        self.name = worker_name()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop `request_id`'s section at its next step (called from another thread)."""
+        self._cancelled.add(request_id)
+
+    def _noise_stream(self, job: SectionJob) -> NoiseStream:
+        # Sections of one request asked in order continue the stream instead of replaying it.
+        stream = self._noise.pop(job.fingerprint, None) or noise_stream(job.plan, job.cond, job.request.seed)
+        self._noise[job.fingerprint] = stream
+        while len(self._noise) > self.NOISE_STREAMS:
+            self._noise.popitem(last=False)
+        return stream
+
+    def generate(self, job: SectionJob) -> Iterator[dict]:
+        """Yield {"type": "step"} events, then {"type": "latents", "latents": (1, 16, W, h, w)}.
+        With `job.store` the section is checkpointed before it is reported finished."""
+        self._cancelled.discard(job.request_id)
+        t0 = time.perf_counter()
+        section = job.plan.section(job.position)
+        r = job.request
+        yield {"type": "started", "position": job.position, "worker": self.name}
+        steps = section_steps(
+            self.components, job.plan, section, job.cond, job.context, self._noise_stream(job),
+            sampler=r.sampler, steps=r.steps, guidance=r.guidance,
+        )
+        for step, total, latents in steps:
+            if job.request_id in self._cancelled:
+                steps.close()
+                raise Cancelled(f"render {job.request_id} cancelled at section {job.position}, step {step}")
+            yield {"type": "step", "position": job.position, "step": step, "steps": total, "worker": self.name}
+        if job.store is not None:
+            SectionStore(job.store).save(job.request_id, job.fingerprint, job.position, latents)
+        yield {"type": "latents", "position": job.position, "latents": latents, "worker": self.name,
+               "seconds": time.perf_counter() - t0, "steps": total}
+
+
+class DecoderWorker:
+    """The tiled VAE decoder: a section's latent span -> its pixel chunk."""
+
+    def __init__(self, model: str, device: str | None = None, components: Components | None = None):
+        self.components = components or load_components(model, device or default_device(), parts=("vae",))
+        self.name = worker_name()
+
+    def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """(1, 3, F, H, W) in [-1, 1], VAE dtype, on the CPU."""
+        section = plan.section(position)
+        return decode_chunk(self.components.vae, decode_input(plan, section, cond, latents))

@@ -1,0 +1,124 @@
+"""The coordinator over Ray actors on a local fake-GPU cluster: same video as a local render,
+concurrent fills, crashed actors, restarted renders."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+import ray
+
+from fp_ray import TINY_CHECKPOINT
+from fp_ray.actors import PoolConfig, RayPools
+from fp_ray.coordinator import run_render
+from fp_ray.render import render
+from fp_ray.request import make_request
+from fp_ray.storage import SectionStore
+
+REQUEST = dict(prompt="a quiet valley", width=64, height=48, steps=4)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster):
+    """Two generators (one fake GPU each) and one decoder (half a GPU)."""
+    pools = RayPools(str(TINY_CHECKPOINT), PoolConfig(generators=2, decoders=1, max_restarts=2))
+    pools.wait_ready()
+    yield pools
+    pools.shutdown()
+
+
+def ray_render(request, pools, **kwargs):
+    events = []
+    result = asyncio.run(run_render(request, pools, on_event=events.append, **kwargs))
+    return result, events
+
+
+def test_actors_hold_their_gpus(pools):
+    assert len(set(ray.get([g.ready.remote() for g in pools.generators]))) == 2
+    assert pools.config.gpus("generator") == 1.0 and pools.config.gpus("decoder") == 0.5
+    # 4 fake GPUs: two generators hold one each, the decoder half of one
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
+def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds):
+    request = make_request(**REQUEST, schedule=schedule, seconds=seconds)
+    local = render(request, tmp_path / "local.mp4", components=components)
+    distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4")
+    assert (local.latents - distributed.latents).abs().max().item() == 0.0
+    assert sha(local.path) == sha(distributed.path)
+
+
+def test_bidirectional_fills_of_a_wave_run_at_once_on_different_actors(pools):
+    request = make_request(**{**REQUEST, "steps": 12}, schedule="bidirectional", seconds=6.0)
+    result, events = ray_render(request, pools)
+    spans = {}
+    for e in events:
+        if e["type"] == "section_started":
+            spans[e["position"]] = [e["time"], None, e["worker"], e["wave"]]
+        elif e["type"] == "section_finished":
+            spans[e["position"]][1] = e["time"]
+    waves = {}
+    for position, (start, end, worker, wave) in spans.items():
+        waves.setdefault(wave, []).append((start, end, worker))
+    multi = [w for w in waves.values() if len(w) == 2]
+    assert multi, f"no wave with two fills in {waves}"
+    for (s1, e1, w1), (s2, e2, w2) in multi:
+        assert w1 != w2
+        assert s1 < e2 and s2 < e1, "fills of one wave did not overlap in time"
+
+
+def test_killed_generator_is_restarted_and_only_its_section_regenerated(pools, components, tmp_path):
+    request = make_request(**{**REQUEST, "steps": 40}, seconds=4.8)  # inverted, 4 sections
+    store = SectionStore(tmp_path / "sections")
+    victim = request.num_sections - 2  # the second section generated (inverted runs backwards)
+    by_name = dict(zip(ray.get([g.ready.remote() for g in pools.generators]), pools.generators))
+    killed = []
+
+    def kill_mid_section(e):
+        if e["type"] == "step" and e["position"] == victim and e["step"] == 3 and not killed:
+            killed.append(e["worker"])
+            ray.kill(by_name[e["worker"]], no_restart=False)
+
+    events = []
+    result = asyncio.run(run_render(request, pools, out=tmp_path / "ray.mp4", store=store, request_id="kill-test",
+                                    on_event=lambda e: (events.append(e), kill_mid_section(e))))
+    assert killed
+    retries = [e for e in events if e["type"] == "section_retry"]
+    assert [e["position"] for e in retries] == [victim], retries
+    started = [e["position"] for e in events if e["type"] == "section_started"]
+    assert sorted(started) == sorted(list(range(4)) + [victim])  # only the lost section ran twice
+    local = render(request, tmp_path / "local.mp4", components=components)
+    assert sha(result.path) == sha(local.path)
+    assert sorted(store.load_all("kill-test", result.fingerprint, range(4))) == [0, 1, 2, 3]
+
+
+class CoordinatorCrash(RuntimeError):
+    pass
+
+
+def test_restarted_render_reuses_checkpointed_sections(pools, tmp_path):
+    request = make_request(**REQUEST, seconds=4.8)
+    store = SectionStore(tmp_path / "sections")
+    finished = []
+
+    def crash_after_two(e):
+        if e["type"] == "section_finished":
+            finished.append(e["position"])
+            if len(finished) == 2:
+                raise CoordinatorCrash
+
+    with pytest.raises(CoordinatorCrash):
+        asyncio.run(run_render(request, pools, out=tmp_path / "a.mp4", store=store, request_id="r1", on_event=crash_after_two))
+    assert not (tmp_path / "a.mp4").exists()
+    result, events = ray_render(request, pools, out=tmp_path / "a.mp4", store=store, request_id="r1")
+    assert result.reused == sorted(finished) == [2, 3]
+    assert result.generated == [0, 1]
+    assert sorted(e["position"] for e in events if e["type"] == "section_started") == [0, 1]
+    fresh, _ = ray_render(request, pools, out=tmp_path / "b.mp4")
+    assert sha(result.path) == sha(fresh.path)
