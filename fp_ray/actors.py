@@ -36,7 +36,7 @@ class PoolConfig:
     generator_gpus: float | None = None
     decoder_gpus: float | None = None
     encoder_gpus: float | None = 0
-    cpus: float = 1  # per actor; Ray gives a worker that many torch threads
+    cpus: float = 0.5  # per actor: GPU actors need little CPU, and 4 actors still fit on 2 cores
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # {"generator": {"H100": 1}}
     max_restarts: int = 3
     dtype: str | None = None  # transformer precision; None: bf16 on GPU, fp32 on CPU
@@ -145,9 +145,19 @@ class RayPools:
         self.decoders = [DecoderActor.options(**config.options("decoder")).remote(model, device) for _ in range(config.decoders)]
         self._queues = {kind: ActorQueue(kind, getattr(self, kind)) for kind in ("encoders", "generators", "decoders")}
 
-    def wait_ready(self) -> list[str]:
-        """Block until every actor has loaded its model; their names."""
-        return ray.get([a.ready.remote() for a in self.encoders + self.generators + self.decoders])
+    def wait_ready(self, notify=None, every_s: float = 30.0) -> list[str]:
+        """Block until every actor has loaded its model; their names. While some wait for
+        resources (an autoscaling cluster adding nodes, or a cluster too small), `notify`
+        gets a line saying what they wait for, every `every_s` seconds."""
+        refs = [a.ready.remote() for a in self.encoders + self.generators + self.decoders]
+        while True:
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=every_s)
+            if not pending:
+                return ray.get(refs)
+            if notify is not None:
+                need = {k: self.config.gpus(k) for k in ("generator", "decoder", "encoder")}
+                notify(f"waiting for {len(pending)} of {len(refs)} actors to start (GPUs each: {need}, CPUs each: "
+                       f"{self.config.cpus}); cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
 
     async def encode(self, request: RenderRequest) -> Encoded:
         async with self._queues["encoders"].use() as actor:
@@ -162,7 +172,7 @@ class RayPools:
             raise WorkerLost(f"generator actor lost during section {job.position}: {type(e).__name__}") from e
 
     async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        for attempt in range(self.config.max_restarts):
+        for _ in range(self.config.max_restarts):
             try:
                 async with self._queues["decoders"].use() as actor:
                     return await actor.decode.remote(plan, position, cond, latents)

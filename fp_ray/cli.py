@@ -11,6 +11,7 @@ from .encode import ImageError, load_image
 from .models import ModelNotFoundError, ModelSources
 from .request import RenderRequest, RequestError, make_request, parse_size
 from .schedule import SCHEDULES
+from .storage import StorageError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
@@ -98,31 +99,130 @@ def cmd_render(args: argparse.Namespace) -> None:
 
     from .models import load_components
     from .render import render
+    from .storage import SectionStore
 
     request = request_from_args(args)
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
         raise CliError(f"--out must name an .mp4 file, got {args.out}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    components = load_components(request.model, device, DTYPES.get(args.dtype))
+    store = SectionStore(args.store) if args.store else None
     bars: dict[str, tqdm] = {}
 
     def on_event(e: dict) -> None:
-        if e["type"] == "plan":
-            bars["sections"] = tqdm(total=e["sections"], desc="sections", unit="sec", position=0)
-        elif e["type"] == "section_started":
-            bars["steps"] = tqdm(total=e["steps"], desc=f"section {e['position']}", unit="step", position=1, leave=False)
-        elif e["type"] == "step":
-            bars["steps"].update(1)
-        elif e["type"] == "section_finished":
-            bars.pop("steps").close()
-            bars["sections"].update(1)
+        kind, key = e["type"], f"section {e.get('position')}"
+        if kind == "plan":
+            bars["sections"] = tqdm(total=e["sections"], initial=len(e["reused"]), desc="sections", unit="sec", position=0)
+        elif kind == "section_started":
+            bars[key] = tqdm(total=e["steps"], desc=key, unit="step", position=len(bars), leave=False)
+        elif kind == "step":
+            bars[key].update(1)
+        elif kind in ("section_finished", "section_retry"):
+            bars.pop(key).close()
+            if kind == "section_finished":
+                bars["sections"].update(1)
 
-    result = render(request, out, components, on_event=on_event, preview_dir=args.previews)
+    if args.ray:
+        import asyncio
+
+        from .actors import RayPools
+        from .coordinator import run_render
+
+        connect(args.address)
+        pools = RayPools(request.model, pool_config(args), args.device)
+        pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
+        result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
+                                        preview_dir=args.previews))
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        components = load_components(request.model, device, DTYPES.get(args.dtype))
+        result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
+                        request_id=args.id)
     bars["sections"].close()
     t = result.timings
     print(f"wrote {result.path}: {len(result.frames)} frames, {result.plan.num_sections} sections, "
           f"{t['total']:.1f} s (generate {t['generate']:.1f} s, decode {t['decode']:.1f} s)")
+
+
+def connect(address: str | None) -> None:
+    import ray
+
+    ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+
+
+def pool_size(text: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '0-4' -> (0, 4): Ray Data grows the pool between the two."""
+    low, _, high = text.partition("-")
+    try:
+        sizes = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if sizes[0] < 0 or sizes[1] < max(1, sizes[0]):
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return sizes
+
+
+def add_pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generators", type=pool_size, default=(1, 1), help="generator actors: N or MIN-MAX (default 1)")
+    p.add_argument("--decoders", type=pool_size, default=(1, 1), help="decoder actors: N or MIN-MAX (default 1)")
+    p.add_argument("--encoders", type=pool_size, default=(1, 1), help="encoder actors: N or MIN-MAX (default 1)")
+    p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default: 0.5 if the cluster has GPUs, else 0)")
+    p.add_argument("--encoder-gpus", type=float, default=0, help="GPUs per encoder (default 0)")
+    p.add_argument("--generator-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="custom resource a generator needs, e.g. H100=1 (repeatable)")
+    p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def pool_config(args: argparse.Namespace):
+    from .actors import PoolConfig
+
+    resources = {}
+    for item in args.generator_resource:
+        name, _, amount = item.partition("=")
+        try:
+            resources[name] = float(amount or 1)
+        except ValueError:
+            raise CliError(f"--generator-resource: expected NAME=AMOUNT, got {item!r}") from None
+    return PoolConfig(
+        generators=args.generators[1], decoders=args.decoders[1], encoders=args.encoders[1],
+        generator_gpus=args.generator_gpus, decoder_gpus=args.decoder_gpus, encoder_gpus=args.encoder_gpus,
+        resources={"generator": resources} if resources else {}, max_restarts=args.max_restarts,
+        dtype=DTYPES.get(getattr(args, "dtype", None)),
+    )
+
+
+def cmd_batch(args: argparse.Namespace) -> None:
+    from .batch import BatchConfig, ManifestError, run_batch
+
+    ModelSources.resolve(args.model)
+    if "://" not in args.manifest and not Path(args.manifest).is_file():
+        raise CliError(f"manifest not found: {args.manifest}")
+    connect(args.address)
+    config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
+    try:
+        records = run_batch(args.manifest, args.out, args.model, config, store=args.store, device=args.device)
+    except ManifestError as e:
+        raise CliError(str(e)) from None
+    ok = [r for r in records if r["status"] == "ok"]
+    reused = [r for r in ok if r["reused"]]
+    for r in records:
+        if r["status"] == "error":
+            print(f"{r['id']}: {r['error']}")
+    print(f"{len(ok) - len(reused)} rendered, {len(reused)} already done, {len(records) - len(ok)} failed; "
+          f"results in {args.out.rstrip('/')}/results.parquet")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from .jobs import submit_batch
+
+    submit_batch(args)
+
+
+def cmd_job(args: argparse.Namespace) -> None:
+    from .jobs import job_command
+
+    job_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,13 +236,47 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p_render.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision (default: bf16 on GPU, fp32 on CPU)")
     p_render.set_defaults(func=cmd_render)
+    p_render.add_argument("--ray", action="store_true", help="render on a Ray cluster's actors (see --address)")
+    p_render.add_argument("--store", help="section checkpoints: a folder or URI (a restarted render reuses them)")
+    p_render.add_argument("--id", help="render id for the checkpoints (default: from the request's fingerprint)")
+    add_pool_args(p_render)
+
+    p_batch = sub.add_parser("batch", help="render every row of a manifest on Ray (Ray Data)")
+    p_batch.add_argument("manifest", help="Parquet, JSONL or CSV: id, prompt, image, [end_image, seconds, seed, schedule, size, ...]")
+    p_batch.add_argument("--out", required=True, help="folder or URI for {id}.mp4, records/ and results.parquet")
+    p_batch.add_argument("--model", default=RenderRequest.model_fields["model"].default, help="checkpoint (default: tiny)")
+    p_batch.add_argument("--store", help="section checkpoints (default: OUT/sections)")
+    p_batch.add_argument("--device", help="torch device in the actors (default: cuda if they see one, else cpu)")
+    p_batch.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision")
+    add_pool_args(p_batch)
+    p_batch.set_defaults(func=cmd_batch)
+
+    p_submit = sub.add_parser("submit", help="submit a batch to a running cluster as a Ray Job")
+    p_submit.add_argument("manifest", help="manifest path or URI, as the cluster sees it")
+    p_submit.add_argument("--out", required=True, help="output folder or URI, as the cluster sees it")
+    p_submit.add_argument("--address", default=None, help="Ray dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    p_submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p_submit.epilog = "More `fp-ray batch` flags go after --: fp-ray submit m.parquet --out s3://b/v -- --generators 1-8"
+    p_submit.set_defaults(func=cmd_submit)
+
+    p_job = sub.add_parser("job", help="status, logs or stop of a submitted job")
+    p_job.add_argument("action", choices=["status", "logs", "stop", "list"])
+    p_job.add_argument("job_id", nargs="?")
+    p_job.add_argument("--address", default=None, help="Ray dashboard (default: RAY_ADDRESS)")
+    p_job.set_defaults(func=cmd_job)
+
     p_plan = sub.add_parser("plan", help="print the section plan of a request")
     add_request_args(p_plan)
     p_plan.set_defaults(func=cmd_plan)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(argv)
+    if extra and args.command != "submit":
+        parser.error(f"unexpected arguments after --: {' '.join(extra)}")
+    args.batch_args = extra
     try:
         args.func(args)
-    except (CliError, RequestError, ImageError, ModelNotFoundError) as e:
+    except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
     return 0

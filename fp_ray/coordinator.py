@@ -79,6 +79,80 @@ class Progress:
         return (self.total - self.done) * elapsed / (self.done - 1)
 
 
+async def generate_sections(
+    encoded: Encoded,
+    pools: Pools,
+    *,
+    request_id: str,
+    store: SectionStore | None = None,
+    emit: OnEvent = lambda event: None,
+    on_done: Callable[[Mapping[int, torch.Tensor]], None] = lambda done: None,
+    attempts: int = 3,
+) -> tuple[dict[int, torch.Tensor], list[int], float]:
+    """Generate every section of `encoded`'s plan, each as soon as its dependencies exist.
+
+    With `store`, sections finished by an earlier run of the same request (same id and
+    fingerprint) are reused, and each new section is saved before it counts as done.
+    `on_done(done)` runs after every change of `done`. Returns (latents by position,
+    reused positions, seconds spent in the section function).
+    """
+    request, plan, cond = encoded.request, encoded.plan, encoded.cond
+    done: dict[int, torch.Tensor] = store.load_all(request_id, encoded.fingerprint, range(plan.num_sections)) if store else {}
+    reused = sorted(done)
+    emit({"type": "plan", "request_id": request_id, "sections": plan.num_sections, "frames": plan.pixel_frames,
+          "steps": request.steps, "reused": reused})
+    progress = Progress(plan, request.steps, len(done))
+    running: dict[int, asyncio.Task] = {}
+    seconds = 0.0
+
+    async def generate(section: Section) -> torch.Tensor:
+        nonlocal seconds
+        for attempt in range(1, attempts + 1):
+            context = {p: done[p] for p in section.depends_on}
+            job = SectionJob(request_id, encoded.fingerprint, request, plan, section.position, cond, context,
+                             store.root if store else None)
+            try:
+                async for event in pools.generate(job):
+                    if event["type"] == "started":
+                        emit({"type": "section_started", "position": section.position, "order": section.order,
+                              "wave": section.wave, "steps": request.steps, "worker": event["worker"],
+                              "attempt": attempt, "time": time.time()})
+                    elif event["type"] == "step":
+                        emit({**event, "eta_s": progress.step()})
+                    elif event["type"] == "latents":
+                        seconds += event["seconds"]
+                        emit({"type": "section_finished", "position": section.position, "seconds": event["seconds"],
+                              "worker": event["worker"], "time": time.time()})
+                        return event["latents"]
+            except WorkerLost as e:
+                # The worker may have saved the section just before it died.
+                saved = store.load(request_id, encoded.fingerprint, section.position) if store else None
+                if saved is not None:
+                    return saved
+                emit({"type": "section_retry", "position": section.position, "attempt": attempt, "error": str(e)})
+        raise RenderFailed(f"section {section.position} of render {request_id} failed {attempts} times")
+
+    def submit_ready() -> None:
+        for s in plan.sections:
+            if s.position not in done and s.position not in running and all(p in done for p in s.depends_on):
+                running[s.position] = asyncio.create_task(generate(s))
+        on_done(done)
+
+    try:
+        submit_ready()
+        while running:
+            finished, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+            for position in [p for p, task in running.items() if task in finished]:
+                done[position] = running.pop(position).result()
+            submit_ready()
+    except BaseException:
+        for task in running.values():
+            task.cancel()
+        await pools.cancel(request_id)
+        raise
+    return done, reused, seconds
+
+
 async def run_render(
     request: RenderRequest,
     pools: Pools,
@@ -90,56 +164,22 @@ async def run_render(
     preview_dir: str | Path | None = None,
     attempts: int = 3,
 ) -> RenderResult:
-    """Render `request` to the mp4 at `out` (None: frames in memory only).
-
-    With `store`, sections finished by an earlier run of the same request (same id and
-    fingerprint) are reused, and each new section is saved before it counts as done.
-    Events: plan, section_started, step (with eta_s), section_finished, section_retry,
-    section_decoded, finished.
+    """Render `request` to the mp4 at `out` (None: frames in memory only): encode, generate
+    the sections (`generate_sections`), decode each chunk as soon as the latents it spans
+    exist, assemble, write. Events: plan, section_started, step (with eta_s),
+    section_finished, section_retry, section_decoded, finished.
     """
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
     encoded = await pools.encode(request)
     plan, cond = encoded.plan, encoded.cond
     rid = request_id or encoded.fingerprint[:16]
-    timings = {"encode": time.perf_counter() - t0, "generate": 0.0, "decode": 0.0}
-    done: dict[int, torch.Tensor] = store.load_all(rid, encoded.fingerprint, range(plan.num_sections)) if store else {}
-    reused = sorted(done)
-    emit({"type": "plan", "request_id": rid, "sections": plan.num_sections, "frames": plan.pixel_frames,
-          "steps": request.steps, "reused": reused})
-    progress = Progress(plan, request.steps, len(done))
-    running: dict[int, asyncio.Task] = {}
+    timings = {"encode": time.perf_counter() - t0, "decode": 0.0}
     decoding: dict[int, asyncio.Task] = {}
 
-    async def generate(section: Section) -> torch.Tensor:
-        for attempt in range(1, attempts + 1):
-            context = {p: done[p] for p in section.depends_on}
-            job = SectionJob(rid, encoded.fingerprint, request, plan, section.position, cond, context,
-                             store.root if store else None)
-            try:
-                async for event in pools.generate(job):
-                    if event["type"] == "started":
-                        emit({"type": "section_started", "position": section.position, "order": section.order,
-                              "wave": section.wave, "steps": request.steps, "worker": event["worker"],
-                              "attempt": attempt, "time": time.time()})
-                    elif event["type"] == "step":
-                        emit({**event, "eta_s": progress.step()})
-                    elif event["type"] == "latents":
-                        timings["generate"] += event["seconds"]
-                        emit({"type": "section_finished", "position": section.position, "seconds": event["seconds"],
-                              "worker": event["worker"], "time": time.time()})
-                        return event["latents"]
-            except WorkerLost as e:
-                # The worker may have saved the section just before it died.
-                saved = store.load(rid, encoded.fingerprint, section.position) if store else None
-                if saved is not None:
-                    return saved
-                emit({"type": "section_retry", "position": section.position, "attempt": attempt, "error": str(e)})
-        raise RenderFailed(f"section {section.position} of render {rid} failed {attempts} times")
-
-    async def decode(section: Section) -> torch.Tensor:
+    async def decode(section: Section, latents: dict[int, torch.Tensor]) -> torch.Tensor:
         t = time.perf_counter()
-        chunk = await pools.decode(plan, section.position, cond, {p: done[p] for p in section.decode_needs})
+        chunk = await pools.decode(plan, section.position, cond, latents)
         timings["decode"] += time.perf_counter() - t
         if preview_dir is not None:
             preview = Path(preview_dir) / f"section_{section.position:03d}.mp4"
@@ -147,25 +187,19 @@ async def run_render(
         emit({"type": "section_decoded", "position": section.position})
         return chunk
 
-    def submit_ready() -> None:
+    def decode_ready(done: Mapping[int, torch.Tensor]) -> None:
         for s in plan.sections:
-            if s.position not in done and s.position not in running and all(p in done for p in s.depends_on):
-                running[s.position] = asyncio.create_task(generate(s))
             if s.position not in decoding and all(p in done for p in s.decode_needs):
-                decoding[s.position] = asyncio.create_task(decode(s))
+                decoding[s.position] = asyncio.create_task(decode(s, {p: done[p] for p in s.decode_needs}))
 
     try:
-        submit_ready()
-        while running:
-            finished, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
-            for position in [p for p, task in running.items() if task in finished]:
-                done[position] = running.pop(position).result()
-            submit_ready()
+        done, reused, timings["generate"] = await generate_sections(
+            encoded, pools, request_id=rid, store=store, emit=emit, on_done=decode_ready, attempts=attempts
+        )
         chunks = [await decoding[p] for p in range(plan.num_sections)]
     except BaseException:
-        for task in [*running.values(), *decoding.values()]:
+        for task in decoding.values():
             task.cancel()
-        await pools.cancel(rid)
         raise
 
     frames = to_frames(assemble(chunks, plan.overlap_frames))

@@ -73,7 +73,9 @@ def decode_image(data: bytes, what: str = "image", location: str | Path = "") ->
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: {location} is not an image (PNG, JPEG, WebP, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{what}: cannot read {location}: {e}") from None
 
 
@@ -197,14 +199,23 @@ class Encoded:
     fingerprint: str
 
 
-def encode_request(c: Components, request: RenderRequest) -> Encoded:
-    start_bytes = read_image_bytes(request.image_path, "image")
-    end_bytes = read_image_bytes(request.end_image, "end_image") if request.end_image else None
+def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
+    start = read_image_bytes(request.image_path, "image")
+    end = read_image_bytes(request.end_image, "end_image") if request.end_image else None
+    return start, end
+
+
+def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None]) -> str:
+    # Where the images came from does not change the video; their bytes do.
+    return fingerprint(request.model_dump_json(exclude={"image", "end_image"}), *images)
+
+
+def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    """Plan and encode `request`; `images` are its image bytes when the caller read them already."""
+    start_bytes, end_bytes = images or read_request_images(request)
     start = decode_image(start_bytes, "image", request.image_path)
     end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end)
-    # Where the images came from does not change the video; their bytes do.
-    key = request.model_dump_json(exclude={"image", "end_image"})
-    return Encoded(request, plan, cond.cpu(), fingerprint(key, start_bytes, end_bytes))
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes)))

@@ -24,12 +24,19 @@ class LocalPools:
     """The three workers over one set of components, each running in a thread of its own so
     decoding overlaps generation; one section generates at a time."""
 
-    def __init__(self, components: Components):
-        self.encoder = EncoderWorker("", components=components)
-        self.generator = GeneratorWorker("", components=components)
-        self.decoder = DecoderWorker("", components=components)
+    def __init__(
+        self,
+        encoder: EncoderWorker | None = None,
+        generator: GeneratorWorker | None = None,
+        decoder: DecoderWorker | None = None,
+    ):
+        self.encoder, self.generator, self.decoder = encoder, generator, decoder
         self._generating = asyncio.Lock()  # a whole section at a time: one model, one section
         self._decoding = asyncio.Lock()
+
+    @classmethod
+    def from_components(cls, c: Components) -> "LocalPools":
+        return cls(EncoderWorker("", components=c), GeneratorWorker("", components=c), DecoderWorker("", components=c))
 
     async def encode(self, request: RenderRequest) -> Encoded:
         return await asyncio.to_thread(self.encoder.encode, request)
@@ -61,7 +68,7 @@ def render(
     request_id: str | None = None,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out` (None: keep frames in memory only) in this process."""
-    pools = LocalPools(components or cached_components(request.model))
+    pools = LocalPools.from_components(components or cached_components(request.model))
     return asyncio.run(
         run_render(request, pools, out=out, store=store, request_id=request_id, on_event=on_event, preview_dir=preview_dir)
     )

@@ -57,8 +57,8 @@ class EncoderWorker:
     def __init__(self, model: str, device: str | None = None, components: Components | None = None):
         self.components = components or load_components(model, device or default_device(), parts=("vae", "encoders"))
 
-    def encode(self, request: RenderRequest) -> Encoded:
-        return encode_request(self.components, request)
+    def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+        return encode_request(self.components, request, images)
 
 
 class GeneratorWorker:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import socket
+import sys
+
 import pytest
 
 from fp_ray import TINY_CHECKPOINT
@@ -12,6 +16,12 @@ def components():
     return cached_components(str(TINY_CHECKPOINT))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole run: a CPU head and two worker nodes with two fake
@@ -19,7 +29,11 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    # Job drivers started by the cluster find `fp-ray` on PATH, as on a real cluster's image.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    head = {"num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.dashboard_url = f"http://127.0.0.1:{head['dashboard_port']}"
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=2)
     cluster.wait_for_nodes()

@@ -35,7 +35,7 @@ def test_plan_prints_sections_waves_and_tokens(capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--image", "{corrupt}", "--prompt", "x"], "image: cannot read"),
+        (["--image", "{corrupt}", "--prompt", "x"], "is not an image"),
         (["--image", "{missing}", "--prompt", "x"], "image: file not found"),
         (["--image", str(SAMPLE_IMAGE)], "--prompt is required"),
         (["--size", "100x100"], "multiple of 16"),

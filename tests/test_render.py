@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
-from fp_ray.generate import generate_section, noise_stream
 from fp_ray.encode import encode_request
+from fp_ray.generate import generate_section, noise_stream
 from fp_ray.render import render
 from fp_ray.request import make_request
 from fp_ray.video import read_frames
@@ -79,8 +79,7 @@ def test_previews_written_per_section(components, tmp_path):
 
 def test_section_prompts_are_encoded_separately(components):
     request = make_request(**{**SMALL, "prompt": "0s: a calm lake; 2s: a storm over the lake"}, seconds=3.6)
-    encoded = encode_request(components, request)
-    plan, cond = encoded.plan, encoded.cond
+    cond = encode_request(components, request).cond
     assert set(cond.text) == {"a calm lake", "a storm over the lake"}
     assert not torch.equal(cond.text["a calm lake"].embeds, cond.text["a storm over the lake"].embeds)
 
