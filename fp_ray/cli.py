@@ -225,6 +225,26 @@ def cmd_job(args: argparse.Namespace) -> None:
     job_command(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ray import serve
+
+    from serving.app import build_app
+
+    ModelSources.resolve(args.model)
+    connect(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": args.token})
+    serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
+    print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fp-ray", description="Render long FramePack videos, locally or on Ray.")
     parser.add_argument("--version", action="version", version=f"fp-ray {__version__}")
@@ -264,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     p_job.add_argument("job_id", nargs="?")
     p_job.add_argument("--address", default=None, help="Ray dashboard (default: RAY_ADDRESS)")
     p_job.set_defaults(func=cmd_job)
+
+    p_serve = sub.add_parser("serve", help="run the Ray Serve app (HTTP API + web page) on this machine")
+    p_serve.add_argument("--model", default=RenderRequest.model_fields["model"].default, help="checkpoint (default: tiny)")
+    p_serve.add_argument("--storage", default="fp-ray-data", help="artifacts + checkpoints folder (default %(default)s)")
+    p_serve.add_argument("--database", help="SQLite file for render records (default: STORAGE/renders.db)")
+    p_serve.add_argument("--token", help="require Authorization: Bearer TOKEN on /v1 (default: env FP_RAY_API_TOKEN)")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p_serve.set_defaults(func=cmd_serve)
 
     p_plan = sub.add_parser("plan", help="print the section plan of a request")
     add_request_args(p_plan)

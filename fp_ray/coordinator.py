@@ -39,7 +39,7 @@ class RenderFailed(RuntimeError):
 
 
 class Pools(Protocol):
-    async def encode(self, request: RenderRequest) -> Encoded: ...
+    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded: ...
 
     def generate(self, job: SectionJob) -> AsyncIterator[Event]: ...
 
@@ -163,15 +163,17 @@ async def run_render(
     on_event: OnEvent | None = None,
     preview_dir: str | Path | None = None,
     attempts: int = 3,
+    images: tuple[bytes, bytes | None] | None = None,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out` (None: frames in memory only): encode, generate
     the sections (`generate_sections`), decode each chunk as soon as the latents it spans
-    exist, assemble, write. Events: plan, section_started, step (with eta_s),
+    exist, assemble, write. `images`: the image bytes, when the caller holds them (an upload)
+    rather than the workers reading `request.image`. Events: plan, section_started, step (with eta_s),
     section_finished, section_retry, section_decoded, finished.
     """
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
-    encoded = await pools.encode(request)
+    encoded = await pools.encode(request, images)
     plan, cond = encoded.plan, encoded.cond
     rid = request_id or encoded.fingerprint[:16]
     timings = {"encode": time.perf_counter() - t0, "decode": 0.0}
@@ -180,11 +182,12 @@ async def run_render(
     async def decode(section: Section, latents: dict[int, torch.Tensor]) -> torch.Tensor:
         t = time.perf_counter()
         chunk = await pools.decode(plan, section.position, cond, latents)
-        timings["decode"] += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        timings["decode"] += seconds
         if preview_dir is not None:
             preview = Path(preview_dir) / f"section_{section.position:03d}.mp4"
             await asyncio.to_thread(write_mp4, to_frames(chunk), preview, request.fps, request.crf)
-        emit({"type": "section_decoded", "position": section.position})
+        emit({"type": "section_decoded", "position": section.position, "seconds": seconds})
         return chunk
 
     def decode_ready(done: Mapping[int, torch.Tensor]) -> None:

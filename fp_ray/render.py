@@ -15,7 +15,7 @@ from .models import Components, cached_components
 from .request import RenderRequest
 from .schedule import Plan
 from .storage import SectionStore
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
 
 __all__ = ["LocalPools", "RenderResult", "render"]
 
@@ -38,17 +38,13 @@ class LocalPools:
     def from_components(cls, c: Components) -> "LocalPools":
         return cls(EncoderWorker("", components=c), GeneratorWorker("", components=c), DecoderWorker("", components=c))
 
-    async def encode(self, request: RenderRequest) -> Encoded:
-        return await asyncio.to_thread(self.encoder.encode, request)
+    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+        return await asyncio.to_thread(self.encoder.encode, request, images)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         async with self._generating:
-            events = self.generator.generate(job)
-            try:
-                while (event := await asyncio.to_thread(next, events, None)) is not None:
-                    yield event
-            finally:
-                events.close()
+            async for event in iterate_in_thread(self.generator.generate(job)):
+                yield event
 
     async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
         async with self._decoding:

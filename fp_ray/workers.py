@@ -6,12 +6,13 @@ Ray actors, Ray Data stages and Serve replicas wrap these classes and add no mod
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import AsyncIterator, Iterator, Mapping
 
 import torch
 
@@ -27,6 +28,17 @@ from .storage import SectionStore
 
 class Cancelled(RuntimeError):
     """The render was cancelled; the section stopped between two steps."""
+
+
+_END = object()
+
+
+async def iterate_in_thread(items: Iterator) -> AsyncIterator:
+    """Consume a blocking iterator one item at a time in a worker thread. If the consumer is
+    cancelled, the item in flight (one sampler step) finishes in its thread and the
+    iterator is never resumed: the work stops there."""
+    while (item := await asyncio.to_thread(next, items, _END)) is not _END:
+        yield item
 
 
 def default_device() -> str:

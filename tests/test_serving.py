@@ -1,0 +1,246 @@
+"""The real Serve app on the shared local Ray cluster, over HTTP: submit, poll, SSE, previews
+before the final video, cancel, bad requests, restarts that keep records and resume work."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+from serving.app import build_app
+from conftest import free_port
+
+SMALL = {"prompt": "a lake at dawn", "size": "64x48", "steps": "4"}
+
+
+def deploy(storage):
+    serve.run(build_app({"model": str(TINY_CHECKPOINT), "storage": str(storage)}), name="fp-ray", route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(storage)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    yield client, storage
+    client.close()
+    serve.shutdown()
+
+
+def submit(client, **fields):
+    files = {"image": ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png")}
+    r = client.post("/v1/renders", data={**SMALL, **fields}, files=files)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def events(client, rid):
+    """Every SSE event of a render, in order, until it ends."""
+    out = []
+    with client.stream("GET", f"/v1/renders/{rid}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+                if out[-1]["type"] in ("finished", "failed", "cancelled"):
+                    break
+    return out
+
+
+def wait_until(client, rid, states, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/renders/{rid}").json()
+        if record["status"] in states:
+            return record
+        time.sleep(0.2)  # polling a status endpoint, as a client does
+    raise AssertionError(f"{rid} still {record['status']}")
+
+
+def test_render_flow_events_previews_and_final_video(app):
+    client, _ = app
+    rid = submit(client, seconds="4.8")  # 4 sections
+    seen_preview_before_video = False
+    with client.stream("GET", f"/v1/renders/{rid}/events") as r:
+        kinds = []
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            kinds.append(event["type"])
+            if event["type"] == "section_decoded" and not seen_preview_before_video:
+                preview = client.get(f"/v1/renders/{rid}/sections/{event['position']}.mp4")
+                assert preview.status_code == 200 and preview.content[4:8] == b"ftyp"
+                seen_preview_before_video = client.get(f"/v1/renders/{rid}/video.mp4").status_code == 404
+            if event["type"] == "finished":
+                break
+    assert seen_preview_before_video
+    assert kinds[0] == "plan" and kinds[-1] == "finished"
+    assert kinds.count("section_finished") == 4 and kinds.count("section_decoded") == 4 and kinds.count("step") == 16
+    assert kinds.index("section_started") < kinds.index("step") < kinds.index("section_finished")
+    record = wait_until(client, rid, {"finished"})
+    assert record["sections_done"] == record["sections_total"] == 4 and "video" in record["links"]
+    video = client.get(f"/v1/renders/{rid}/video.mp4")
+    with av.open(io.BytesIO(video.content)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 4 * 36 + 1
+    assert rid in [r["id"] for r in client.get("/v1/renders").json()["renders"]]
+    metrics = client.get("/metrics").text
+    assert "fp_ray_renders_finished_total" in metrics and "fp_ray_section_seconds_count" in metrics
+    assert metric(client, "fp_ray_steps_total") >= 16
+    assert metric(client, "fp_ray_video_seconds_total") >= 145 / 30
+
+
+def metric(client, name: str) -> float:
+    """A sample's value from the Prometheus scrape of /metrics."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def steps_total(client) -> float:
+    return metric(client, "fp_ray_steps_total")
+
+
+def test_cancel_stops_the_work(app):
+    client, _ = app
+    rid = submit(client, seconds="12", steps="30")  # 10 sections
+    with client.stream("GET", f"/v1/renders/{rid}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "step":
+                break
+    r = client.delete(f"/v1/renders/{rid}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert events(client, rid)[-1]["type"] == "cancelled"
+    before = steps_total(client)
+    other = submit(client, seconds="1.2", steps="3")
+    wait_until(client, other, {"finished"})
+    # only the new render's 3 steps ran (plus at most the one step in flight at cancel time)
+    assert steps_total(client) - before <= 4
+    assert client.get(f"/v1/renders/{rid}").json()["sections_done"] < 10
+    assert client.delete(f"/v1/renders/{rid}").status_code == 409
+
+
+@pytest.mark.parametrize("data,files,status,reason", [
+    ({**SMALL}, None, 422, "image: upload a file"),
+    ({**SMALL, "size": "65x48"}, "png", 422, "multiple of 16"),
+    ({**SMALL, "seconds": "-1"}, "png", 422, "seconds"),
+    ({**SMALL, "schedule": "sideways"}, "png", 422, "schedule"),
+    ({**SMALL, "colour": "red"}, "png", 422, "unknown fields ['colour']"),
+    ({**SMALL}, "text", 422, "not an image"),
+])
+def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
+    client, _ = app
+    upload = {"png": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")},
+              "text": {"image": ("a.png", b"hello", "image/png")}}.get(files)
+    r = client.post("/v1/renders", data=data, files=upload)
+    assert r.status_code == status and reason in r.json()["detail"], r.text
+
+
+def test_other_bad_requests(app):
+    client, _ = app
+    assert client.post("/v1/renders", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    r = client.post("/v1/renders", json={**SMALL, "image_url": "/etc/passwd"})
+    assert r.status_code == 422 and "http(s) URL" in r.json()["detail"]
+    big = client.post("/v1/renders", content=b"0" * (26 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    assert client.get("/v1/renders/nope").status_code == 404
+    assert client.get("/v1/renders/nope/video.mp4").status_code == 404
+
+
+def test_restart_keeps_records_and_resumes_unfinished_renders(app):
+    client, storage = app
+    finished = submit(client, seconds="1.2")
+    wait_until(client, finished, {"finished"})
+    video = client.get(f"/v1/renders/{finished}/video.mp4").content
+    unfinished = submit(client, seconds="6", steps="20")  # 5 sections
+    with client.stream("GET", f"/v1/renders/{unfinished}/events") as r:
+        done = 0
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "section_finished":
+                done += 1
+                if done == 2:
+                    break
+    serve.delete("fp-ray")  # the whole app goes away mid-render
+    deploy(storage)
+    assert client.get(f"/v1/renders/{finished}").json()["status"] == "finished"
+    assert client.get(f"/v1/renders/{finished}/video.mp4").content == video
+    record = wait_until(client, unfinished, {"finished"})
+    assert record["sections_done"] == 5
+    plans = [e for e in events(client, unfinished) if e["type"] == "plan"]
+    assert len(plans) == 2 and len(plans[1]["reused"]) >= 2  # the resumed run reused the checkpoints
+
+
+def test_web_page_renders_and_plays_the_video_in_chromium(app):
+    """Headless Debian Chromium, driven by Playwright: upload, watch previews, play."""
+    from playwright.sync_api import sync_playwright
+
+    client, _ = app
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is needed (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        page = browser.new_page()
+        page.goto(str(client.base_url) + "/")
+        page.set_input_files("#image", str(SAMPLE_IMAGE))
+        page.fill("#prompt", "a quiet lake")
+        page.fill("#seconds", "2.4")
+        page.click("#submit")
+        page.wait_for_selector("#sections video.preview", timeout=120_000)
+        page.wait_for_function(
+            "() => { const v = document.getElementById('video');"
+            " return !document.getElementById('final').hidden && v.readyState >= 2 && v.currentTime > 0; }",
+            timeout=120_000,
+        )
+        assert page.locator("#sections video.preview").count() == 2
+        assert "finished" in page.text_content("#status")
+        assert page.get_attribute("#download", "href").startswith("blob:")
+        page.screenshot(path=str(Path(os.environ.get("FP_RAY_SCREENSHOTS", "/tmp")) / "fp-ray-web.png"))
+        browser.close()
+
+
+def test_serve_config_matches_the_app():
+    """serving/config.yaml parses as Ray's own Serve deploy schema and names this app's deployments."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import Decoder, Encoder, Generator, Ingress
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((Path(__file__).parent.parent / "serving/config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "serving.app:build_app"
+    names = {d.name for d in application.deployments}
+    assert names == {d.name for d in (Ingress, Encoder, Generator, Decoder)}
+    generator = next(d for d in application.deployments if d.name == "Generator")
+    assert generator.max_ongoing_requests == 1 and generator.ray_actor_options.num_gpus == 1
+    assert generator.autoscaling_config["min_replicas"] == 0  # scale to zero
+    assert generator.autoscaling_config["downscale_delay_s"] >= 300
+
+
+def test_bearer_token_is_required_when_configured(tmp_path, components):
+    """The API layer alone (FastAPI test client) over in-process workers."""
+    from fastapi.testclient import TestClient
+
+    from fp_ray.render import LocalPools
+    from serving.api import bind_service, make_api
+    from serving.service import RenderService
+
+    bind_service(RenderService(LocalPools.from_components(components), str(TINY_CHECKPOINT), str(tmp_path), auth_token="s3cret"))
+    with TestClient(make_api()) as client:
+        assert client.get("/v1/renders").status_code == 401
+        assert client.get("/v1/renders", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/renders", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200  # probes need no token
