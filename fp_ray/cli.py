@@ -168,8 +168,9 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default: 0.5 if the cluster has GPUs, else 0)")
     p.add_argument("--encoder-gpus", type=float, default=0, help="GPUs per encoder (default 0)")
-    p.add_argument("--generator-resource", action="append", default=[], metavar="NAME=AMOUNT",
-                   help="custom resource a generator needs, e.g. H100=1 (repeatable)")
+    for kind in ("generator", "decoder"):
+        p.add_argument(f"--{kind}-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                       help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
@@ -177,17 +178,18 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
 def pool_config(args: argparse.Namespace):
     from .actors import PoolConfig
 
-    resources = {}
-    for item in args.generator_resource:
-        name, _, amount = item.partition("=")
-        try:
-            resources[name] = float(amount or 1)
-        except ValueError:
-            raise CliError(f"--generator-resource: expected NAME=AMOUNT, got {item!r}") from None
+    resources: dict[str, dict[str, float]] = {}
+    for kind in ("generator", "decoder"):
+        for item in getattr(args, f"{kind}_resource"):
+            name, _, amount = item.partition("=")
+            try:
+                resources.setdefault(kind, {})[name] = float(amount or 1)
+            except ValueError:
+                raise CliError(f"--{kind}-resource: expected NAME=AMOUNT, got {item!r}") from None
     return PoolConfig(
         generators=args.generators[1], decoders=args.decoders[1], encoders=args.encoders[1],
         generator_gpus=args.generator_gpus, decoder_gpus=args.decoder_gpus, encoder_gpus=args.encoder_gpus,
-        resources={"generator": resources} if resources else {}, max_restarts=args.max_restarts,
+        resources=resources, max_restarts=args.max_restarts,
         dtype=DTYPES.get(getattr(args, "dtype", None)),
     )
 
