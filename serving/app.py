@@ -95,6 +95,9 @@ class Ingress:
         pools = ServePools(encoder, generator, decoder)
         self.service = RenderService(pools, model, storage, database, token, max_upload_mb)
         bind_service(self.service)
+        # Serve builds replicas inside their event loop: resume left-over renders right away
+        # rather than at the first request.
+        asyncio.get_running_loop().call_soon(self.service.resume_unfinished)
 
 
 def build_app(args: dict) -> serve.Application:

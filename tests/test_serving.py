@@ -176,6 +176,12 @@ def test_restart_keeps_records_and_resumes_unfinished_renders(app):
                     break
     serve.delete("fp-ray")  # the whole app goes away mid-render
     deploy(storage)
+    # the new ingress resumes the render by itself: its video appears with no request made
+    video_file = storage / "renders" / unfinished / "video.mp4"
+    deadline = time.monotonic() + 120
+    while not video_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert video_file.exists()
     assert client.get(f"/v1/renders/{finished}").json()["status"] == "finished"
     assert client.get(f"/v1/renders/{finished}/video.mp4").content == video
     record = wait_until(client, unfinished, {"finished"})
