@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import shlex
 import sys
+import time
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -21,10 +22,24 @@ def batch_entrypoint(manifest: str, out: str, extra: list[str]) -> str:
     return shlex.join(["fp-ray", "batch", manifest, "--out", out, *extra])
 
 
+AGENT_WAIT_S = 90  # a freshly started head's job agent takes a while to come up
+
+
+def submit(client: JobSubmissionClient, entrypoint: str, metadata: dict) -> str:
+    """Submit, retrying while the head answers that its job agent is not up yet."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, metadata=metadata)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit_batch(args: argparse.Namespace) -> str:
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=batch_entrypoint(args.manifest, args.out, args.batch_args),
-                               metadata={"fp-ray": "batch", "out": args.out})
+    job_id = submit(client, batch_entrypoint(args.manifest, args.out, args.batch_args), {"fp-ray": "batch", "out": args.out})
     print(f"submitted {job_id}: fp-ray job status {job_id} / fp-ray job logs {job_id}")
     if args.wait:
         asyncio.run(follow(client, job_id))
