@@ -176,14 +176,20 @@ async def run_render(
     encoded = await pools.encode(request, images)
     plan, cond = encoded.plan, encoded.cond
     rid = request_id or encoded.fingerprint[:16]
+    # generate: seconds inside the section function, summed; decode: wall time from the first
+    # chunk's decode to the last (it overlaps generation)
     timings = {"encode": time.perf_counter() - t0, "decode": 0.0}
     decoding: dict[int, asyncio.Task] = {}
+
+    decode_span: list[float] = []  # first decode start, last decode end: decode wall time
 
     async def decode(section: Section, latents: dict[int, torch.Tensor]) -> torch.Tensor:
         t = time.perf_counter()
         chunk = await pools.decode(plan, section.position, cond, latents)
-        seconds = time.perf_counter() - t
-        timings["decode"] += seconds
+        end = time.perf_counter()
+        seconds = end - t  # includes waiting for a free decoder
+        decode_span[:] = [min(decode_span[:1] or [t]), end]
+        timings["decode"] = decode_span[1] - decode_span[0]
         if preview_dir is not None:
             preview = Path(preview_dir) / f"section_{section.position:03d}.mp4"
             await asyncio.to_thread(write_mp4, to_frames(chunk), preview, request.fps, request.crf)
