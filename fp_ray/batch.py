@@ -159,9 +159,6 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
                          "payload": [r.get("payload") for r in rows]})
 
 
-# ---- the three stages (Ray Data actor classes) ---------------------------------------------
-
-
 def check_row(row: dict, out: str, base: str, model: str) -> dict:
     """Validate a row (no model needed): an error record, the record of an earlier run that
     rendered this very row, or a new record with the request to render as payload."""
@@ -175,6 +172,9 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
     if earlier is not None:
         return {"id": rid, "record": earlier, "payload": None}
     return {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request)}
+
+
+# ---- the three stages (Ray Data actor classes) ---------------------------------------------
 
 
 class EncodeStage:
@@ -236,7 +236,7 @@ class DecodeStage:
             output = write_video(frames, self.out, row["id"], request.fps, request.crf)
             record.update(output=output, seconds=len(frames) / request.fps, frames=len(frames), sections=plan.num_sections,
                           decode_s=t_write - t, write_s=time.perf_counter() - t_write)
-        if not record["reused"]:
+            # written as the row ends, so a job that dies later loses no finished row
             write_bytes(record_location(self.out, row["id"]), json.dumps(record).encode())
         return {"id": row["id"], "record": record}
 
@@ -267,7 +267,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
     ids = [str(_value(r["id"])) for r in manifest_rows]
     base = str(manifest).rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
     store = store or join(out, "sections")
-    gpus = config.pools
+    pools = config.pools
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
     # Checking reads each image once (to fingerprint it) and runs no model: threads suffice.
     with ThreadPoolExecutor(16) as pool:
@@ -278,17 +278,17 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
         rendered = (
             ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
             .map_batches(EncodeStage, fn_constructor_args=(model, device), compute=_pool(config.encoders),
-                         num_gpus=gpus.gpus("encoder"), num_cpus=config.encoder_cpus, **common)
-            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, gpus.dtype), compute=_pool(config.generators),
-                         num_gpus=gpus.gpus("generator"), num_cpus=gpus.cpus, resources=gpus.resources.get("generator"), **common)
+                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, **common)
+            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, pools.dtype), compute=_pool(config.generators),
+                         num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
             .map_batches(DecodeStage, fn_constructor_args=(model, out, device), compute=_pool(config.decoders),
-                         num_gpus=gpus.gpus("decoder"), num_cpus=config.decoder_cpus, resources=gpus.resources.get("decoder"), **common)
+                         num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
             .select_columns(["id", "record"])
             .take_all()
         )
         records.update({r["id"]: json.loads(r["record"]) for r in rendered})
-    for record in records.values():  # rows that never reached DecodeStage
-        if record["status"] == "error" and not record["reused"]:
+    for record in records.values():  # error records; rendered rows wrote theirs in DecodeStage
+        if record["status"] == "error":
             write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
     ordered = [records[i] for i in ids]
     write_results(ordered, join(out, "results.parquet"))

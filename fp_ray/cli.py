@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -239,10 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
-        import time
-
-        while True:
-            time.sleep(3600)
+        threading.Event().wait()  # until Ctrl-C
     except KeyboardInterrupt:
         serve.shutdown()
 

@@ -181,15 +181,15 @@ async def run_render(
     timings = {"encode": time.perf_counter() - t0, "decode": 0.0}
     decoding: dict[int, asyncio.Task] = {}
 
-    decode_span: list[float] = []  # first decode start, last decode end: decode wall time
+    first_decode: list[float] = []  # when the first chunk's decode was asked for
 
     async def decode(section: Section, latents: dict[int, torch.Tensor]) -> torch.Tensor:
         t = time.perf_counter()
         chunk = await pools.decode(plan, section.position, cond, latents)
         end = time.perf_counter()
         seconds = end - t  # includes waiting for a free decoder
-        decode_span[:] = [min(decode_span[:1] or [t]), end]
-        timings["decode"] = decode_span[1] - decode_span[0]
+        first_decode[:] = first_decode or [t]
+        timings["decode"] = end - first_decode[0]
         if preview_dir is not None:
             preview = Path(preview_dir) / f"section_{section.position:03d}.mp4"
             await asyncio.to_thread(write_mp4, to_frames(chunk), preview, request.fps, request.crf)

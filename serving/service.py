@@ -39,8 +39,9 @@ class Metrics:
 class Render:
     """A live render: its task and the events seen so far (listeners wait on `changed`)."""
 
-    def __init__(self, rid: str):
-        self.id = rid
+    def __init__(self, rid: str, steps: int):
+        self.id, self.steps = rid, steps
+        self.sections_done = 0
         self.events: list[dict] = []
         self.changed = asyncio.Condition()
         self.task: asyncio.Task | None = None
@@ -101,7 +102,7 @@ class RenderService:
         return rid
 
     def _start(self, rid: str, request: RenderRequest, resumed: bool = False) -> None:
-        render = self.live[rid] = Render(rid)
+        render = self.live[rid] = Render(rid, request.steps)
         render.events = [e for _, e in self.records.events(rid)] if resumed else []
         self.metrics.queue_depth.inc()
         render.task = asyncio.get_running_loop().create_task(self._run(render, request))
@@ -134,7 +135,8 @@ class RenderService:
     def _on_event(self, render: Render, event: dict) -> None:
         rid, kind = render.id, event["type"]
         if kind == "plan":
-            self.records.update(rid, status="queued", sections_total=event["sections"], sections_done=len(event["reused"]))
+            render.sections_done = len(event["reused"])
+            self.records.update(rid, status="queued", sections_total=event["sections"], sections_done=render.sections_done)
         elif kind == "section_started":
             self.records.update(rid, status="running")
         elif kind == "step":
@@ -142,11 +144,11 @@ class RenderService:
             if event.get("eta_s") is not None:
                 self.records.update(rid, eta_s=event["eta_s"])
         elif kind == "section_finished":
-            done = (self.records.get(rid)["sections_done"] or 0) + 1
-            self.records.update(rid, sections_done=done)
+            render.sections_done += 1
+            self.records.update(rid, sections_done=render.sections_done)
             self.metrics.section_seconds.observe(event["seconds"])
             if event["seconds"] > 0:
-                self.metrics.steps_per_second.set(self.records.get(rid)["request"]["steps"] / event["seconds"])
+                self.metrics.steps_per_second.set(render.steps / event["seconds"])
         elif kind == "section_decoded":
             self.metrics.decode_seconds.observe(event["seconds"])
         event = {k: v for k, v in event.items() if k != "path"}  # server paths stay inside
