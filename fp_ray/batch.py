@@ -7,14 +7,17 @@ a row's failure is its own record and never stops the others; a re-run skips row
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
+import logging
 import math
 import os
 import pickle
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,17 +29,18 @@ import ray
 from .actors import PoolConfig
 from .coordinator import generate_sections
 from .decode import assemble, to_frames
-from .encode import ImageError, read_request_images, request_fingerprint
+from .encode import decode_image, read_request_images, request_fingerprint
 from .render import LocalPools
-from .request import RenderRequest, RequestError, make_request, parse_size
-from .storage import SAFE_ID, SectionStore, StorageError, exists, is_uri, join, read_bytes, write_bytes
+from .request import RenderRequest, excerpt, make_request, parse_size
+from .storage import SAFE_ID, SectionStore, exists, is_uri, join, read_bytes, write_bytes
 from .video import write_mp4
 from .workers import DecoderWorker, EncoderWorker, GeneratorWorker
+
+log = logging.getLogger(__name__)
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-ROW_ERRORS = (RequestError, ImageError, StorageError)
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),
     ("seconds", pa.float64()), ("frames", pa.int64()), ("sections", pa.int64()), ("sections_reused", pa.int64()),
@@ -88,31 +92,60 @@ def row_request(row: dict, base: str, model: str) -> RenderRequest:
     return make_request(**fields, model=model)
 
 
+def _parse_rows(manifest: str, kind: str, data: bytes) -> list[dict]:
+    """Rows as dicts. JSON Lines and CSV are read row by row, so a value's type is decided in
+    its own row (a bad value is that row's error, and ids like "007" stay strings)."""
+    if kind == "parquet":
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8-sig")
+    if kind == "csv":
+        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+    if text.lstrip().startswith("["):  # a .json file holding one array of objects
+        rows = json.loads(text)
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"manifest {manifest}: line {number} is not JSON ({e.msg})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ManifestError(f"manifest {manifest}: expected one JSON object per line (or an array of objects)")
+    return rows
+
+
 def read_manifest(manifest: str) -> list[dict]:
-    """The manifest's rows, in file order, checked as a whole (columns, ids)."""
+    """The manifest's rows, in file order, checked as a whole (columns, ids). Needs no Ray:
+    a manifest that cannot run is refused before any cluster starts."""
     kind = READERS.get(Path(str(manifest)).suffix.lower())
     if kind is None:
-        raise ManifestError(f"manifest {manifest}: expected .parquet, .jsonl or .csv")
-    if not is_uri(manifest) and not Path(manifest).is_file():
-        raise ManifestError(f"manifest not found: {manifest}")
-    ctx = ray.data.DataContext.get_current()
-    keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+        raise ManifestError(f"manifest {excerpt(manifest)}: expected .parquet, .jsonl, .json or .csv")
     try:
-        ds = getattr(ray.data, f"read_{kind}")(str(manifest))
-        rows = ds.take_all()
-    except Exception as e:  # Ray wraps the reader's error; the message is what the user needs
-        raise ManifestError(f"cannot read manifest {manifest}: {str(e).splitlines()[0]}") from None
-    finally:
-        ctx.execution_options.preserve_order = keep
-    names = set(ds.schema().names)
+        data = read_bytes(manifest)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ManifestError(f"manifest not found: {excerpt(manifest)}") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {excerpt(manifest)}: {e}") from None
+    try:
+        rows = _parse_rows(manifest, kind, data)
+    except ManifestError:
+        raise
+    except (ValueError, pa.ArrowException, csv.Error) as e:
+        raise ManifestError(f"cannot read manifest {manifest}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not rows:
+        raise ManifestError(f"manifest {manifest}: no rows")
+    names = {name for row in rows for name in row}
     if unknown := names - COLUMNS:
-        raise ManifestError(f"manifest {manifest}: unknown columns {sorted(unknown)}; known: {sorted(COLUMNS)}")
+        raise ManifestError(f"manifest {manifest}: unknown columns {sorted(unknown)[:10]}; known: {sorted(COLUMNS)}")
     if missing := {"id", "prompt"} - names:
         raise ManifestError(f"manifest {manifest}: missing columns {sorted(missing)}")
+    if missing_id := [n for n, r in enumerate(rows, 1) if _value(r.get("id")) is None]:
+        raise ManifestError(f"manifest {manifest}: rows without an id: {missing_id[:5]}")
     ids = [str(_value(r["id"])) for r in rows]
-    if bad := [i for i in ids if not SAFE_ID.match(i)]:
+    if bad := [excerpt(i, 40) for i in ids if not SAFE_ID.match(i)]:
         raise ManifestError(f"manifest {manifest}: ids must be 1-128 of [A-Za-z0-9._-], not starting with . or -: {bad[:5]}")
-    if dupes := sorted({i for i in ids if ids.count(i) > 1}):
+    if dupes := sorted(i for i, n in Counter(ids).items() if n > 1):
         raise ManifestError(f"manifest {manifest}: duplicate ids {dupes[:5]}")
     return rows
 
@@ -135,15 +168,27 @@ def new_record(rid: str, **fields) -> dict:
     return record
 
 
-def error_record(rid: str, error: Exception) -> dict:
-    return new_record(rid, status="error", error=f"{type(error).__name__}: {error}")
+def error_record(rid: str, error: BaseException, stage: str | None = None) -> dict:
+    """The record of a row that failed: where (a stage, or the check) and why, in one line."""
+    reason = str(error).strip().splitlines()[0][:1000] if str(error).strip() else "(no message)"
+    where = f"{stage}: " if stage else ""
+    return new_record(rid, status="error", error=f"{where}{type(error).__name__}: {reason}")
+
+
+def write_record(out: str, record: dict) -> None:
+    """Written as the row ends, so a job that dies later loses no finished row. A storage
+    failure here is logged, not raised: the row's result still reaches results.parquet."""
+    try:
+        write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
+    except Exception:
+        log.exception("cannot write the record of row %s", record["id"])
 
 
 def previous_record(out: str, rid: str, fingerprint: str) -> dict | None:
     """The record of an earlier run that rendered this very row, if its video still exists."""
     try:
         record = json.loads(read_bytes(record_location(out, rid)))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return None
     if record.get("status") == "ok" and record.get("fingerprint") == fingerprint and exists(record["output"]):
         return {**record, "reused": True}
@@ -160,15 +205,20 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def check_row(row: dict, out: str, base: str, model: str) -> dict:
-    """Validate a row (no model needed): an error record, the record of an earlier run that
-    rendered this very row, or a new record with the request to render as payload."""
+    """Validate a row without a model (fields, images decoded within the image limits): an
+    error record, the record of an earlier run that rendered this very row, or a new record
+    with the request to render as payload. Whatever goes wrong is this row's error alone."""
     rid = str(_value(row["id"]))
     try:
         request = row_request(row, base, model)
-        fp = request_fingerprint(request, read_request_images(request))
-    except ROW_ERRORS as e:
+        images = read_request_images(request)
+        decode_image(images[0], "image", request.image_path)
+        if images[1] is not None:
+            decode_image(images[1], "end_image", request.end_image)
+        fp = request_fingerprint(request, images)
+        earlier = previous_record(out, rid, fp)
+    except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
-    earlier = previous_record(out, rid, fp)
     if earlier is not None:
         return {"id": rid, "record": earlier, "payload": None}
     return {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request)}
@@ -177,68 +227,86 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
 # ---- the three stages (Ray Data actor classes) ---------------------------------------------
 
 
-class EncodeStage:
+class RowStage:
+    """A Ray Data stage that works on one row at a time. Rows that failed earlier pass
+    through untouched; any exception this stage raises on a row becomes that row's error
+    record (logged with its traceback), and the other rows go on."""
+
+    name = "stage"
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return _frame([self.run(row) for row in _rows(batch)])
+
+    def run(self, row: dict) -> dict:
+        record = json.loads(row["record"])
+        if row["payload"] is None:
+            return self.ended(record)
+        try:
+            return self.process(row["id"], record, row["payload"])
+        except Exception as e:
+            log.exception("row %s failed in the %s stage", row["id"], self.name)
+            return self.ended(error_record(row["id"], e, self.name))
+
+    def process(self, rid: str, record: dict, payload: bytes) -> dict:
+        raise NotImplementedError
+
+    def ended(self, record: dict) -> dict:
+        return {"id": record["id"], "record": record}
+
+
+class EncodeStage(RowStage):
+    name = "encode"
+
     def __init__(self, model: str, device: str | None = None):
         self.worker = EncoderWorker(model, device)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return _frame([self.encode(row) for row in _rows(batch)])
-
-    def encode(self, row: dict) -> dict:
-        record = json.loads(row["record"])
+    def process(self, rid: str, record: dict, payload: bytes) -> dict:
         t = time.perf_counter()
-        try:
-            encoded = self.worker.encode(pickle.loads(row["payload"]))
-        except ROW_ERRORS as e:  # e.g. the image changed or vanished since the check
-            return {"id": row["id"], "record": error_record(row["id"], e)}
+        encoded = self.worker.encode(pickle.loads(payload))
         record.update(fingerprint=encoded.fingerprint, encode_s=time.perf_counter() - t)
-        return {"id": row["id"], "record": record, "payload": pickle.dumps(encoded)}
+        return {"id": rid, "record": record, "payload": pickle.dumps(encoded)}
 
 
-class GenerateStage:
+class GenerateStage(RowStage):
+    name = "generate"
+
     def __init__(self, model: str, store: str, device: str | None = None, dtype: str | None = None):
         self.pools = LocalPools(generator=GeneratorWorker(model, device, dtype))
         self.store = SectionStore(store)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return _frame([self.generate(row) for row in _rows(batch)])
-
-    def generate(self, row: dict) -> dict:
-        record = json.loads(row["record"])
-        if row["payload"] is None:
-            return {"id": row["id"], "record": record}
-        encoded = pickle.loads(row["payload"])
-        done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=row["id"], store=self.store))
+    def process(self, rid: str, record: dict, payload: bytes) -> dict:
+        encoded = pickle.loads(payload)
+        done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=rid, store=self.store))
         record.update(generate_s=seconds, sections_reused=len(reused))
-        return {"id": row["id"], "record": record, "payload": pickle.dumps((encoded, done))}
+        return {"id": rid, "record": record, "payload": pickle.dumps((encoded, done))}
 
 
-class DecodeStage:
-    """Decodes every chunk, assembles, writes `{out}/{id}.mp4` and the row's record."""
+class DecodeStage(RowStage):
+    """Decodes every chunk, assembles, writes `{out}/{id}.mp4`; every row that reaches it,
+    rendered or failed, has its record written here as it ends."""
+
+    name = "decode"
 
     def __init__(self, model: str, out: str, device: str | None = None):
         self.worker = DecoderWorker(model, device)
         self.out = out
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return _frame([self.finish(row) for row in _rows(batch)])
+    def process(self, rid: str, record: dict, payload: bytes) -> dict:
+        encoded, done = pickle.loads(payload)
+        plan, request = encoded.plan, encoded.request
+        t = time.perf_counter()
+        chunks = [self.worker.decode(plan, s.position, encoded.cond, {p: done[p] for p in s.decode_needs})
+                  for s in plan.by_position()]
+        frames = to_frames(assemble(chunks, plan.overlap_frames))
+        t_write = time.perf_counter()
+        output = write_video(frames, self.out, rid, request.fps, request.crf)
+        record.update(output=output, seconds=len(frames) / request.fps, frames=len(frames), sections=plan.num_sections,
+                      decode_s=t_write - t, write_s=time.perf_counter() - t_write)
+        return self.ended(record)
 
-    def finish(self, row: dict) -> dict:
-        record = json.loads(row["record"])
-        if row["payload"] is not None:
-            encoded, done = pickle.loads(row["payload"])
-            plan, request = encoded.plan, encoded.request
-            t = time.perf_counter()
-            chunks = [self.worker.decode(plan, s.position, encoded.cond, {p: done[p] for p in s.decode_needs})
-                      for s in plan.by_position()]
-            frames = to_frames(assemble(chunks, plan.overlap_frames))
-            t_write = time.perf_counter()
-            output = write_video(frames, self.out, row["id"], request.fps, request.crf)
-            record.update(output=output, seconds=len(frames) / request.fps, frames=len(frames), sections=plan.num_sections,
-                          decode_s=t_write - t, write_s=time.perf_counter() - t_write)
-            # written as the row ends, so a job that dies later loses no finished row
-            write_bytes(record_location(self.out, row["id"]), json.dumps(record).encode())
-        return {"id": row["id"], "record": record}
+    def ended(self, record: dict) -> dict:
+        write_record(self.out, record)
+        return {"id": record["id"], "record": record}
 
 
 def write_video(frames, out: str, rid: str, fps: int, crf: int) -> str:
@@ -259,19 +327,35 @@ def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
+def manifest_base(manifest: str) -> str:
+    """Where a manifest's relative image paths start: its own folder."""
+    return str(manifest).rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
+
+
+def check_manifest(manifest: str, out: str, model: str) -> list[dict]:
+    """Read and check a manifest without Ray: ManifestError if it cannot run at all, else one
+    checked row per manifest row (see `check_row`), in manifest order. Rows that fail their
+    check get their record written at once."""
+    rows = read_manifest(manifest)
+    base = manifest_base(manifest)
+    # Checking reads and decodes each image once and runs no model: threads suffice.
+    with ThreadPoolExecutor(16) as pool:
+        checked = list(pool.map(lambda row: check_row(row, out, base, model), rows))
+    for row in checked:
+        if row["record"]["status"] == "error":
+            write_record(out, row["record"])
+    return checked
+
+
 def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchConfig(), store: str | None = None,
-              device: str | None = None) -> list[dict]:
+              device: str | None = None, checked: list[dict] | None = None) -> list[dict]:
     """Render every row of `manifest` into `out` ({id}.mp4, records/{id}.json, results.parquet).
-    Returns the records in manifest order. Needs a connected Ray (ray.init)."""
-    manifest_rows = read_manifest(manifest)
-    ids = [str(_value(r["id"])) for r in manifest_rows]
-    base = str(manifest).rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
+    Returns the records in manifest order. `checked`: the rows `check_manifest` returned, when
+    the caller checked the manifest before starting Ray. Needs a connected Ray (ray.init)."""
+    checked = checked if checked is not None else check_manifest(manifest, out, model)
     store = store or join(out, "sections")
     pools = config.pools
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
-    # Checking reads each image once (to fingerprint it) and runs no model: threads suffice.
-    with ThreadPoolExecutor(16) as pool:
-        checked = list(pool.map(lambda row: check_row(row, out, base, model), manifest_rows))
     records = {r["id"]: r["record"] for r in checked}
     todo = [{**r, "record": json.dumps(r["record"])} for r in checked if r["payload"] is not None]
     if todo:
@@ -284,13 +368,20 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
             .map_batches(DecodeStage, fn_constructor_args=(model, out, device), compute=_pool(config.decoders),
                          num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
             .select_columns(["id", "record"])
-            .take_all()
         )
-        records.update({r["id"]: json.loads(r["record"]) for r in rendered})
-    for record in records.values():  # error records; rendered rows wrote theirs in DecodeStage
-        if record["status"] == "error":
-            write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
-    ordered = [records[i] for i in ids]
+        pending = {r["id"] for r in todo}
+        try:
+            for row in rendered.iter_rows():  # rows arrive as they end
+                records[row["id"]] = json.loads(row["record"])
+                pending.discard(row["id"])
+        except Exception as e:
+            # The pipeline itself broke (e.g. actors that cannot start): rows already ended
+            # keep their results; the others are recorded as not rendered.
+            log.exception("the batch pipeline stopped")
+            for rid in pending:
+                records[rid] = error_record(rid, e, "batch")
+                write_record(out, records[rid])
+    ordered = [records[r["id"]] for r in checked]
     write_results(ordered, join(out, "results.parquet"))
     return ordered
 

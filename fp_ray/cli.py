@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 from . import __version__
+from .coordinator import RenderFailed
 from .encode import ImageError, load_image
 from .models import ModelNotFoundError, ModelSources
-from .request import RenderRequest, RequestError, make_request, parse_size
+from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
-from .storage import StorageError
+from .storage import StorageError, is_uri
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
@@ -42,13 +45,13 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
-    if args.image and not args.prompt:
+    if args.image and args.prompt is None:
         raise CliError("--prompt is required with --image")
     width = height = None
     if args.size:
         width, height = parse_size(args.size)
     request = make_request(
-        prompt=args.prompt or SAMPLE_PROMPT,
+        prompt=SAMPLE_PROMPT if args.prompt is None else args.prompt,
         image=args.image,
         end_image=args.end_image,
         seconds=args.seconds,
@@ -103,9 +106,11 @@ def cmd_render(args: argparse.Namespace) -> None:
     from .storage import SectionStore
 
     request = request_from_args(args)
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise CliError(f"--out must name an .mp4 file, got {args.out}")
+    out = writable_file(args.out, "--out", ".mp4")
+    if args.previews:
+        writable_folder(args.previews, "--previews")
+    if args.store and not is_uri(args.store):
+        writable_folder(args.store, "--store")
     store = SectionStore(args.store) if args.store else None
     bars: dict[str, tqdm] = {}
 
@@ -121,6 +126,9 @@ def cmd_render(args: argparse.Namespace) -> None:
             bars.pop(key).close()
             if kind == "section_finished":
                 bars["sections"].update(1)
+            else:  # a worker was lost mid-section: say so, once, and that it runs again
+                tqdm.write(f"fp-ray: section {e['position']}: {e['error']}; running it again (attempt {e['attempt'] + 1})",
+                           file=sys.stderr)
 
     if args.ray:
         import asyncio
@@ -144,10 +152,53 @@ def cmd_render(args: argparse.Namespace) -> None:
           f"{t['total']:.1f} s (generate {t['generate']:.1f} s, decode {t['decode']:.1f} s)")
 
 
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(folder: Path, flag: str, target: str) -> None:
+    """A folder that exists (or the nearest existing ancestor of one to be made) must be a
+    directory we can create files in: tried for real, since permission bits lie to root
+    and on read-only or network filesystems."""
+    existing = _first_existing(folder)
+    if not existing.is_dir():
+        raise CliError(f"{flag}: cannot create {target}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fp-ray-probe.", dir=existing)
+    except OSError as e:
+        raise CliError(f"{flag}: cannot write in {existing}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def writable_file(location: str, flag: str, suffix: str) -> Path:
+    """Check, before any model loads, that the render's output file can be written."""
+    path = Path(location).expanduser()
+    if path.suffix.lower() != suffix:
+        raise CliError(f"{flag} must name a {suffix} file, got {excerpt(location)}")
+    if path.is_dir():
+        raise CliError(f"{flag}: {excerpt(location)} is a folder, not a file")
+    _check_can_create_in(path.parent, flag, excerpt(location))
+    return path
+
+
+def writable_folder(location: str, flag: str) -> Path:
+    path = Path(location).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag}: {excerpt(location)} is a file, not a folder")
+    _check_can_create_in(path, flag, excerpt(location))
+    return path
+
+
 def connect(address: str | None) -> None:
     import ray
 
-    ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+    import logging
+
+    level = logging.getLogger("ray").getEffectiveLevel()
+    ray.init(address=address, log_to_driver=False, logging_level=level) if address else ray.init(log_to_driver=False, logging_level=level)
 
 
 def pool_size(text: str) -> tuple[int, int]:
@@ -195,18 +246,20 @@ def pool_config(args: argparse.Namespace):
     )
 
 
-def cmd_batch(args: argparse.Namespace) -> None:
-    from .batch import BatchConfig, ManifestError, run_batch
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import BatchConfig, ManifestError, check_manifest, run_batch
 
     ModelSources.resolve(args.model)
-    if "://" not in args.manifest and not Path(args.manifest).is_file():
-        raise CliError(f"manifest not found: {args.manifest}")
-    connect(args.address)
-    config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
+    if not is_uri(args.out):
+        writable_folder(args.out, "--out")
     try:
-        records = run_batch(args.manifest, args.out, args.model, config, store=args.store, device=args.device)
+        # the manifest, its ids and every row's fields and images, before Ray starts
+        checked = check_manifest(args.manifest, args.out, args.model)
     except ManifestError as e:
         raise CliError(str(e)) from None
+    connect(args.address)
+    config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
+    records = run_batch(args.manifest, args.out, args.model, config, store=args.store, device=args.device, checked=checked)
     ok = [r for r in records if r["status"] == "ok"]
     reused = [r for r in ok if r["reused"]]
     for r in records:
@@ -214,6 +267,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
             print(f"{r['id']}: {r['error']}")
     print(f"{len(ok) - len(reused)} rendered, {len(reused)} already done, {len(records) - len(ok)} failed; "
           f"results in {args.out.rstrip('/')}/results.parquet")
+    return 1 if len(ok) < len(records) else 0  # a job runner sees that rows failed
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -245,9 +299,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve.shutdown()
 
 
+def configure_output(verbose: bool) -> None:
+    """Quiet by default: the libraries' warnings, loading bars and Ray's start-up logs are
+    chatter to a user of the command; `-v` shows them."""
+    if verbose:
+        return
+    import logging
+    import warnings
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()  # downloads from the hub
+    for lib in (transformers_logging, diffusers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"(transformers|diffusers|torch|ray)\b")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fp-ray", description="Render long FramePack videos, locally or on Ray.")
     parser.add_argument("--version", action="version", version=f"fp-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logs and loading bars")
     sub = parser.add_subparsers(dest="command", required=True)
     p_render = sub.add_parser("render", help="render one video to mp4 in this process")
     add_request_args(p_render)
@@ -304,12 +380,20 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "submit":
         parser.error(f"unexpected arguments after --: {' '.join(extra)}")
     args.batch_args = extra
+    configure_output(args.verbose)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except RenderFailed as e:
+        print(f"fp-ray: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`fp-ray plan | head`): not an error. Point stdout at devnull
+        # so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .models import Components, default_resolution
-from .request import RenderRequest, bucket_size
+from .request import RenderRequest, bucket_size, excerpt
 from .schedule import Plan, make_plan
 from .storage import fingerprint, read_bytes
 
@@ -58,25 +60,54 @@ class Conditioning:
         return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end)
 
 
+# Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
+# it is decoded: the header gives the size, so a decompression bomb is refused unread.
+MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000; larger photos are downscaled to 640-ish anyway
+MIN_IMAGE_SIDE = 16
+
+
 def read_image_bytes(location: str | Path, what: str = "image") -> bytes:
     """The raw bytes of an image at a local path, http(s) URL or pyarrow.fs URI."""
     try:
         return read_bytes(location)
-    except (FileNotFoundError, IsADirectoryError):
-        raise ImageError(f"{what}: file not found: {location}") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ImageError(f"{what}: file not found: {excerpt(location, 200)}") from None
     except OSError as e:
-        raise ImageError(f"{what}: cannot read {location}: {e}") from None
+        raise ImageError(f"{what}: cannot read {excerpt(location, 200)}: {e.strerror or e}") from None
+
+
+def check_image_size(width: int, height: int, what: str = "image") -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{what}: {width}x{height} is too large ({width * height:,} pixels; at most {MAX_IMAGE_PIXELS:,})")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageError(f"{what}: {width}x{height} is too small (each side at least {MIN_IMAGE_SIDE} pixels)")
 
 
 def decode_image(data: bytes, what: str = "image", location: str | Path = "") -> Image.Image:
+    """Decode image bytes to RGB, upright (EXIF orientation applied), within the size limits."""
+    where = excerpt(location, 200) if location else "the data"
+    if not data:
+        raise ImageError(f"{what}: {where} is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns (and past twice its limit refuses) on huge images; ours is lower.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                check_image_size(im.width, im.height, what)
+                im.load()
+                return ImageOps.exif_transpose(im).convert("RGB")
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{what}: {location} is not an image (PNG, JPEG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{what}: cannot read {location}: {e}") from None
+        raise ImageError(f"{what}: {where} is not an image (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError as e:  # PIL's own check, at open, for far larger images
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else f"more than {MAX_IMAGE_PIXELS:,} pixels"
+        raise ImageError(f"{what}: {where} is too large ({size}; at most {MAX_IMAGE_PIXELS:,})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a corrupt file makes PIL raise almost anything (OSError, SyntaxError, struct.error ...)
+        raise ImageError(f"{what}: cannot read {where}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
 def load_image(location: str | Path, what: str = "image") -> Image.Image:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
-from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipImageProcessor, SiglipVisionModel
+from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
+
+try:  # transformers >= 5: the PIL backend by name, so SigLIP preprocessing is the same arithmetic
+    # on every machine, whether or not torchvision (the default backend) is installed there.
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+except ImportError:  # transformers 4: SiglipImageProcessor is the PIL one
+    from transformers import SiglipImageProcessor
 
 BASE_MODEL = "hunyuanvideo-community/HunyuanVideo"  # text encoders, tokenizers, VAE, scheduler
 IMAGE_ENCODER_MODEL = "lllyasviel/flux_redux_bfl"  # SigLIP + its processor

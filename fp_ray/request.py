@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +19,13 @@ PIXEL_FRAMES_PER_LATENT = 4
 
 class RequestError(ValueError):
     """A request a user must fix; the message names the field and the offending value."""
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """A value as it may appear in an error line: its repr, cut to `limit` characters, so a
+    100 KB prompt or URL never floods a terminal or an HTTP response."""
+    text = repr(str(value)) if isinstance(value, Path) else repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 _TIMESTAMP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s\s*:\s*(.*?)\s*$", re.S)
@@ -35,20 +43,20 @@ def parse_prompts(text: str) -> list[tuple[float, str]]:
         return [(0.0, text.strip())]
     if not all(matches):
         bad = next(p for p, m in zip(parts, matches) if not m)
-        raise RequestError(f"prompt: every part needs a timestamp like '4s: ...' once one has; got {bad.strip()!r}")
+        raise RequestError(f"prompt: every part needs a timestamp like '4s: ...' once one has; got {excerpt(bad.strip())}")
     prompts = [(float(m.group(1)), m.group(2)) for m in matches]
     times = [t for t, _ in prompts]
     if times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
-        raise RequestError(f"prompt: timestamps must start at 0s and increase, got {times}")
+        raise RequestError(f"prompt: timestamps must start at 0s and increase, got {excerpt(times)}")
     if any(not p for _, p in prompts):
         raise RequestError("prompt: a timestamped part is empty")
     return prompts
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", text)
     if not m:
-        raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {text!r}")
+        raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(text)}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -68,11 +76,11 @@ class RenderRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     image: str | None = None  # path; None renders the sample image the package ships
     end_image: str | None = None
-    seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     schedule: Literal["forward", "inverted", "bidirectional"] = "inverted"
     sampler: Literal["unipc", "euler"] = "unipc"
     steps: int = Field(default=25, ge=1, le=100)
-    guidance: float = Field(default=10.0, ge=1.0, le=32.0)  # distilled guidance
+    guidance: float = Field(default=10.0, ge=1.0, le=32.0, allow_inf_nan=False)  # distilled guidance
     seed: int = Field(default=31337, ge=0, le=2**63 - 1)
     width: int | None = None
     height: int | None = None
@@ -105,6 +113,14 @@ class RenderRequest(BaseModel):
     def _combination(self) -> "RenderRequest":
         if (self.width is None) != (self.height is None):
             raise ValueError("size: give both width and height, or neither")
+        if self.seconds < self.seconds_per_section / 2:
+            # The section count rounds seconds to whole sections; below half a section it
+            # would round to none, and one section would silently be a much longer video.
+            spp = self.seconds_per_section
+            raise ValueError(
+                f"seconds: {self.seconds:g} s is less than half a section (a section is {spp:g} s: "
+                f"{self.window} latent frames at {self.fps} fps); ask for at least {spp / 2:g} s, a higher fps or a smaller window"
+            )
         if self.end_image is not None and self.schedule == "forward":
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
         return self
@@ -133,14 +149,19 @@ def make_request(**fields) -> RenderRequest:
     try:
         return RenderRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "request"
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            shown = "" if isinstance(value, dict) or "got" in msg else f" (got {value!r})"
-            msgs.append(f"{where}: {msg}{shown}")
-        raise RequestError("; ".join(msgs)) from None
+        raise RequestError("; ".join(_error_line(err) for err in e.errors())) from None
+
+
+def _error_line(err: dict) -> str:
+    """'field: reason (got value)', the value cut short, the field named once."""
+    where = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if not where:  # a check across fields names its own fields
+        return msg
+    msg = msg.removeprefix(f"{where}: ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or "got" in msg else f" (got {excerpt(value)})"
+    return f"{where}: {msg}{shown}"
 
 
 __all__ = ["RenderRequest", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]

@@ -11,11 +11,13 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT, cli
 from fp_ray.actors import PoolConfig
 from fp_ray.batch import BatchConfig, ManifestError, read_manifest, run_batch
 from fp_ray.render import render
 from fp_ray.request import make_request
+
+from images import png_header_only
 
 ROW = dict(prompt="a quiet valley", seconds=1.2, size="64x48", steps=2)
 CONFIG = BatchConfig(generators=(1, 2), decoders=(1, 1), pools=PoolConfig(generator_gpus=1, decoder_gpus=0, cpus=1))
@@ -30,19 +32,31 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+FAILING = {"broken-image", "bad-size", "huge-image", "blocked-checkpoint", "blocked-output"}
+
+
 @pytest.fixture(scope="module")
 def batch_run(ray_cluster, tmp_path_factory):
-    """Ten rows, two malformed (an unreadable image, a bad size), run twice."""
+    """Thirteen rows run twice. Three fail their check (an unreadable image, a bad size, an
+    image over the pixel limit); two pass it and fail later, in the generate stage (their
+    checkpoint folder is a file) and in the decode stage (their mp4 path is a folder)."""
     tmp = tmp_path_factory.mktemp("batch")
     (tmp / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
     (tmp / "broken.png").write_bytes(b"not an image")
+    (tmp / "huge.png").write_bytes(png_header_only(20000, 20000))
     rows = [{"id": f"clip-{i}", **ROW, "image": "start.png", "seed": i} for i in range(8)]
     rows.insert(3, {"id": "broken-image", **ROW, "image": "broken.png"})
     rows.insert(6, {"id": "bad-size", **ROW, "image": "start.png", "size": "65x48"})
+    rows.insert(1, {"id": "huge-image", **ROW, "image": "huge.png"})
+    rows.insert(5, {"id": "blocked-checkpoint", **ROW, "image": "start.png", "seed": 100})
+    rows.append({"id": "blocked-output", **ROW, "image": "start.png", "seed": 101})
     manifest = write_jsonl(tmp / "manifest.jsonl", rows)
     out = tmp / "out"
+    (out / "sections").mkdir(parents=True)
+    (out / "sections" / "blocked-checkpoint").write_text("a file where the row's checkpoints go")
+    (out / "blocked-output.mp4").mkdir()
     first = run_batch(manifest, str(out), str(TINY_CHECKPOINT), CONFIG)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4") if p.is_file()}
     second = run_batch(manifest, str(out), str(TINY_CHECKPOINT), CONFIG)
     return tmp, out, rows, first, second, mtimes
 
@@ -50,13 +64,19 @@ def batch_run(ray_cluster, tmp_path_factory):
 def test_batch_renders_good_rows_and_records_bad_ones(batch_run):
     tmp, out, rows, first, _, _ = batch_run
     assert [r["id"] for r in first] == [r["id"] for r in rows]  # manifest order
-    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"clip-{i}.mp4" for i in range(8))
+    assert sorted(p.name for p in out.glob("*.mp4") if p.is_file()) == sorted(f"clip-{i}.mp4" for i in range(8))
     errors = {r["id"]: r["error"] for r in first if r["status"] == "error"}
-    assert set(errors) == {"broken-image", "bad-size"}
-    assert "broken.png is not an image" in errors["broken-image"]
+    assert set(errors) == FAILING
+    assert "broken.png' is not an image" in errors["broken-image"]
     assert "multiple of 16" in errors["bad-size"]
+    assert "huge.png' is too large" in errors["huge-image"]
+    assert errors["blocked-checkpoint"].startswith("generate: ")
+    assert errors["blocked-output"].startswith("decode: ")
     ok = [r for r in first if r["status"] == "ok"]
-    assert all(r["frames"] == 37 and r["sections"] == 1 and not r["reused"] for r in ok)
+    assert len(ok) == 8 and all(r["frames"] == 37 and r["sections"] == 1 and not r["reused"] for r in ok)
+    # every row's record is on disk, failed ones included
+    for r in first:
+        assert json.loads((out / "records" / f"{r['id']}.json").read_text())["status"] == r["status"]
 
 
 def test_results_parquet_has_a_row_per_manifest_row(batch_run):
@@ -64,14 +84,14 @@ def test_results_parquet_has_a_row_per_manifest_row(batch_run):
     table = pq.read_table(out / "results.parquet")
     assert table.num_rows == len(rows)
     assert {"id", "status", "error", "output", "seconds", "generate_s", "decode_s"} <= set(table.column_names)
-    assert table.column("status").to_pylist().count("error") == 2
+    assert table.column("status").to_pylist().count("error") == len(FAILING)
     assert table.to_pylist() == second
 
 
 def test_rerun_renders_nothing_new(batch_run):
     _, out, _, first, second, mtimes = batch_run
     assert [r["reused"] for r in second if r["status"] == "ok"] == [True] * 8
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4") if p.is_file()} == mtimes
     assert [r["status"] for r in second] == [r["status"] for r in first]
 
 
@@ -90,7 +110,7 @@ def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_manifest_formats(ray_cluster, tmp_path, fmt):
+def test_manifest_formats(tmp_path, fmt):
     rows = [{"id": "a", "prompt": "x", "seconds": 1.2, "seed": 1}, {"id": "b", "prompt": "y", "seconds": 2.4, "seed": None}]
     path = tmp_path / f"m.{fmt}"
     table = pa.Table.from_pylist(rows)
@@ -99,7 +119,39 @@ def test_manifest_formats(ray_cluster, tmp_path, fmt):
     else:
         pq.write_table(table, path)
     rows = read_manifest(str(path))
-    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["seconds"] == 2.4
+    assert [r["id"] for r in rows] == ["a", "b"] and float(rows[1]["seconds"]) == 2.4  # CSV: text, read by the request model
+
+
+def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
+    (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
+    (row,) = read_manifest(str(tmp_path / "m.csv"))
+    assert row == {"id": "007", "prompt": "x", "seconds": None}
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
+    with pytest.raises(ManifestError, match="line 2 is not JSON"):
+        read_manifest(str(tmp_path / "m.jsonl"))
+
+
+def test_cli_batch_checks_the_manifest_before_starting_ray(tmp_path, monkeypatch, capsys):
+    def no_ray(address):
+        raise AssertionError("Ray must not start for a manifest that cannot run")
+
+    monkeypatch.setattr(cli, "connect", no_ray)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
+    assert cli.main(["batch", manifest, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp-ray: error: manifest") and "duplicate ids ['a']" in err
+
+
+def test_cli_batch_exit_code_says_rows_failed(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "connect", lambda address: None)  # this test's Ray is already connected
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    rows = [{"id": "good", **ROW, "image": "start.png"}, {"id": "bad", **ROW, "image": "start.png", "seconds": -1}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    code = cli.main(["batch", manifest, "--out", str(tmp_path / "out"), "--generator-gpus", "1", "--decoder-gpus", "0"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "bad: " in out and "1 rendered, 0 already done, 1 failed" in out
+    assert (tmp_path / "out" / "good.mp4").is_file()
 
 
 @pytest.mark.parametrize("rows,message", [
@@ -107,7 +159,9 @@ def test_manifest_formats(ray_cluster, tmp_path, fmt):
     ([{"id": "a", "seconds": 3}], "missing columns ['prompt']"),
     ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], "duplicate ids ['a']"),
     ([{"id": "../etc/passwd", "prompt": "x"}], "ids must be"),
+    ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "rows without an id: [2]"),
+    ([], "no rows"),
 ])
-def test_bad_manifests_are_rejected_before_any_work(ray_cluster, tmp_path, rows, message):
+def test_bad_manifests_are_rejected_before_any_work(tmp_path, rows, message):
     with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         read_manifest(write_jsonl(tmp_path / "m.jsonl", rows))

@@ -9,6 +9,8 @@ from fp_ray import SAMPLE_IMAGE
 from fp_ray.cli import main
 from fp_ray.video import read_frames
 
+from images import png_header_only
+
 FAST = ["--size", "64x48", "--steps", "2"]
 
 
@@ -48,14 +50,32 @@ def test_plan_prints_sections_waves_and_tokens(capsys):
         (["--model", "{missing}"], "model folder not found"),
         (["--end-image", str(SAMPLE_IMAGE), "--schedule", "forward"], "end_image needs the inverted or bidirectional"),
         (["--prompt", "0s: a; 1s"], "needs a timestamp"),
-        (["--out", "{out_txt}"], "must name an .mp4"),
+        (["--out", "{out_txt}"], "must name a .mp4"),
+        (["--out", "{out_dir}"], "is a folder, not a file"),
+        (["--out", "{file}/x.mp4"], "is not a folder"),
+        (["--out", "/proc/fp-ray-test/x.mp4"], "cannot write in /proc"),
+        (["--previews", "{file}"], "--previews: "),
+        (["--image", "{huge}", "--prompt", "x"], "huge.png' is too large (400,000,000 pixels; at most 64,000,000)"),
+        (["--image", "{tiny}", "--prompt", "x"], "each side at least 16"),
+        (["--end-image", "{huge}"], "end_image: "),
+        (["--prompt", ""], "prompt: String should have at least 1 character"),
+        (["--prompt", "   "], "prompt: must not be blank"),
+        (["--seconds", "nan"], "seconds: Input should be a finite number"),
+        (["--guidance", "inf"], "guidance: Input should be a finite number"),
+        (["--fps", "1", "--seconds", "10"], "seconds: 10 s is less than half a section (a section is 36 s"),
+        (["--size", "1" * 5000 + "x16"], "size: expected WIDTHxHEIGHT"),
     ],
 )
 def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    paths = {"corrupt": corrupt, "missing": tmp_path / "nope.png", "out_txt": tmp_path / "video.txt"}
-    args = [a.format(**paths) for a in args]
+    (tmp_path / "huge.png").write_bytes(png_header_only(20000, 20000))
+    (tmp_path / "tiny.png").write_bytes(png_header_only(8, 8))
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "file").write_text("a file")
+    paths = {"corrupt": corrupt, "missing": tmp_path / "nope.png", "out_txt": tmp_path / "video.txt", "huge": tmp_path / "huge.png",
+             "tiny": tmp_path / "tiny.png", "out_dir": tmp_path / "dir.mp4", "file": tmp_path / "file"}
+    args = [a.format(**paths) if len(a) < 1000 else a for a in args]
     out = tmp_path / "video.mp4"
     argv = ["render", *FAST, "--out", str(out), *args] if "--out" not in args else ["render", *FAST, *args]
     assert main(argv) == 2
@@ -63,4 +83,31 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     assert err.startswith("fp-ray: error:") and message in err
     assert len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "video.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4"]
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" and p.is_file()]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no probe or temporary file left
+
+
+def test_errors_name_the_field_once_and_cut_long_values(capsys):
+    long_prompt = "0s: a calm sea; " + "x" * 5000 + "; 1s"
+    assert main(["render", *FAST, "--prompt", long_prompt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 300, err
+    assert err.count("prompt:") == 1
+
+
+def test_plan_into_a_closed_pipe_is_not_an_error():
+    proc = subprocess.run(f"{sys.executable} -m fp_ray.cli plan --seconds 600 | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("schedule inverted: 500 sections")
+    assert proc.stderr == ""
+
+
+def test_render_is_quiet_by_default(tmp_path):
+    """No library warnings or weight-loading bars; -v brings the libraries' chatter back."""
+    base = [sys.executable, "-m", "fp_ray.cli"]
+    args = ["render", "--seconds", "1.2", *FAST, "--steps", "1"]
+    quiet = subprocess.run([*base, *args, "--out", str(tmp_path / "q.mp4")], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" not in quiet.stderr and "[transformers]" not in quiet.stderr and "Warning" not in quiet.stderr
+    loud = subprocess.run([*base, "-v", *args, "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+
+from images import png_header_only
 from serving.app import build_app
 from conftest import free_port
 
@@ -141,11 +143,16 @@ def test_cancel_stops_the_work(app):
     ({**SMALL, "schedule": "sideways"}, "png", 422, "schedule"),
     ({**SMALL, "colour": "red"}, "png", 422, "unknown fields ['colour']"),
     ({**SMALL}, "text", 422, "not an image"),
+    ({**SMALL}, "huge", 422, "image: 'the upload' is too large (400,000,000 pixels"),
+    ({**SMALL}, "tiny", 422, "each side at least 16"),
+    ({**SMALL, "seconds": "0.1"}, "png", 422, "less than half a section"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
     upload = {"png": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")},
-              "text": {"image": ("a.png", b"hello", "image/png")}}.get(files)
+              "text": {"image": ("a.png", b"hello", "image/png")},
+              "huge": {"image": ("a.png", png_header_only(20000, 20000), "image/png")},
+              "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")}}.get(files)
     r = client.post("/v1/renders", data=data, files=upload)
     assert r.status_code == status and reason in r.json()["detail"], r.text
 

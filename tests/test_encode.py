@@ -1,0 +1,51 @@
+"""Image intake: the limits and the orientation every entry point (CLI, manifest rows, HTTP
+uploads and URLs) gets through `decode_image`."""
+
+from __future__ import annotations
+
+import pytest
+
+from fp_ray import SAMPLE_IMAGE
+from fp_ray.encode import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, decode_image
+
+from images import jpeg_with_orientation, png_header_only
+
+
+@pytest.mark.parametrize("width,height", [(20000, 20000), (100_000, 100_000), (8001, 8000)])
+def test_images_over_the_pixel_limit_are_refused_before_decoding(width, height):
+    with pytest.raises(ImageError, match="too large") as e:
+        decode_image(png_header_only(width, height), "image", "huge.png")
+    assert str(e.value).startswith("image: ") and len(str(e.value)) < 200
+    assert f"{width * height:,} pixels" in str(e.value)
+
+
+def test_the_limit_itself_is_allowed_by_the_header_check():
+    assert 8000 * 8000 <= MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError) as e:  # the header passes; the cut-short pixels do not
+        decode_image(png_header_only(8000, 8000), "image", "big.png")
+    assert "too large" not in str(e.value)
+
+
+@pytest.mark.parametrize("width,height", [(1, 2000), (MIN_IMAGE_SIDE - 1, 64)])
+def test_images_with_a_tiny_side_are_refused(width, height):
+    with pytest.raises(ImageError, match=f"each side at least {MIN_IMAGE_SIDE}"):
+        decode_image(png_header_only(width, height), "end_image")
+
+
+@pytest.mark.parametrize("data,message", [(b"", "is empty"), (b"GIF89a\x01", "cannot read|not an image"), (b"hello", "not an image")])
+def test_broken_bytes_are_an_image_error(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data, "image", "x")
+
+
+def test_exif_orientation_is_applied():
+    # stored 64x32 with "rotate 90 clockwise to display" (6): upright it is 32x64
+    image = decode_image(jpeg_with_orientation(64, 32, 6))
+    assert image.size == (32, 64)
+    top, bottom = image.getpixel((16, 2)), image.getpixel((16, 61))
+    assert top[2] > 150 and bottom[0] > 150  # the blue left half is now on top
+
+
+def test_sample_image_decodes_unchanged():
+    image = decode_image(SAMPLE_IMAGE.read_bytes())
+    assert image.mode == "RGB" and min(image.size) >= MIN_IMAGE_SIDE
