@@ -1,0 +1,105 @@
+"""The render service and its API in one process (FastAPI test client over in-process
+workers): admission limits, named tokens, ownership between replicas, renders whose inputs
+vanished, heartbeats, retention."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+from fp_ray.records import RenderRecords
+from fp_ray.render import LocalPools
+from serving.api import bind_service, make_api
+from serving.service import RenderService, ServiceConfig
+
+SMALL = {"prompt": "a lake at dawn", "size": "64x48", "steps": "2", "seconds": "1.2"}
+
+
+def files():
+    return {"image": ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png")}
+
+
+@pytest.fixture()
+def pools(components):
+    return LocalPools.from_components(components)
+
+
+def api_client(pools, storage, **config) -> TestClient:
+    tokens = config.pop("tokens", None)
+    bind_service(RenderService(pools, str(TINY_CHECKPOINT), str(storage), config=ServiceConfig(**config), tokens=tokens))
+    return TestClient(make_api())
+
+
+def wait_status(client, rid, states, headers=None, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/renders/{rid}", headers=headers).json()
+        if record["status"] in states:
+            return record
+        time.sleep(0.05)  # polling a status endpoint, as a client does
+    raise AssertionError(f"{rid} still {record['status']}")
+
+
+def test_queue_cap_and_named_tokens(pools, tmp_path):
+    with api_client(pools, tmp_path, max_queued=0, tokens={"alice": "a-secret", "bob": "b-secret"}) as client:
+        assert client.get("/v1/renders", headers={"Authorization": "bearer a-secret"}).status_code == 200  # any case
+        assert client.get("/v1/renders", headers={"Authorization": "Bearer c-secret"}).status_code == 401
+        r = client.post("/v1/renders", data=SMALL, files=files(), headers={"Authorization": "Bearer b-secret"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and "retry" in r.json()["detail"]
+        assert 'fp_ray_requests_rejected_total{limit="renders"} 1.0' in client.get("/metrics").text
+
+
+def test_per_token_limit_and_relative_links(pools, tmp_path):
+    headers = {"Authorization": "Bearer a-secret"}
+    with api_client(pools, tmp_path, max_per_client=1, tokens={"alice": "a-secret"}) as client:
+        r = client.post("/v1/renders", data={**SMALL, "steps": "20", "seconds": "6"}, files=files(), headers=headers)
+        assert r.status_code == 202 and r.headers["Location"] == f"/v1/renders/{r.json()['id']}"
+        second = client.post("/v1/renders", data=SMALL, files=files(), headers=headers)
+        assert second.status_code == 429 and "'alice'" in second.json()["detail"]
+        assert client.delete(f"/v1/renders/{r.json()['id']}", headers=headers).json()["status"] == "cancelled"
+        assert client.post("/v1/renders", data=SMALL, files=files(), headers=headers).status_code == 202
+
+
+def test_a_render_whose_inputs_vanished_fails_clearly_and_can_be_deleted(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    request = {"prompt": "x", "image": str(tmp_path / "renders/abc/input/start.png"), "model": str(TINY_CHECKPOINT),
+               "width": 64, "height": 48, "steps": 2, "seconds": 1.2}
+    records.create("abc", request)  # left by an earlier process, its input since removed
+    with api_client(pools, tmp_path) as client:
+        record = wait_status(client, "abc", {"failed"})
+        assert "input images are gone" in record["error"]
+        assert client.delete("/v1/renders/abc").json()["deleted"]
+        assert client.get("/v1/renders/abc").status_code == 404
+
+
+def test_an_orphan_is_taken_over_only_once_its_lease_ran_out(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    start = tmp_path / "renders/orphan/input/start"  
+    start.parent.mkdir(parents=True)
+    start.write_bytes(SAMPLE_IMAGE.read_bytes())
+    records.create("orphan", {"prompt": "x", "image": str(start), "model": str(TINY_CHECKPOINT),
+                              "width": 64, "height": 48, "steps": 2, "seconds": 1.2})
+    assert records.claim("orphan", "dead-replica", lease_s=1.0)
+    assert not records.claim("orphan", "other", lease_s=1.0)  # held: nobody else may take it
+    with api_client(pools, tmp_path, lease_s=0.3) as client:
+        assert client.get("/v1/renders/orphan").json()["status"] == "queued"  # not before the lease ran out
+        record = wait_status(client, "orphan", {"finished"})
+        assert record["sections_done"] == record["sections_total"] == 1
+        assert not records.update("orphan", "dead-replica", status="failed")  # the old owner can no longer write
+
+
+def test_idle_streams_get_heartbeats(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    records.create("held", {"prompt": "x", "image": str(SAMPLE_IMAGE), "model": str(TINY_CHECKPOINT)})
+    assert records.claim("held", "another-replica", lease_s=600)  # runs elsewhere: nothing happens here
+    with api_client(pools, tmp_path, heartbeat_s=0.2) as client:
+        with client.stream("GET", "/v1/renders/held/events") as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line) == ": heartbeat"
+        records.update("held", status="cancelled")
+        records.add_event("held", 0, {"type": "cancelled"})
+        with client.stream("GET", "/v1/renders/held/events") as r:  # ends with the render
+            assert [line for line in r.iter_lines() if line.startswith("event:")] == ["event: cancelled"]
