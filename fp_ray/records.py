@@ -1,11 +1,12 @@
 """Render records of the online service: they survive a restart of the Serve application, so
 finished videos stay listed and unfinished renders resume from their section checkpoints.
 
-The embedded store is SQLite with a rollback journal, not WAL: WAL needs shared memory between
-the processes that open the file, which NFS/EFS (where the cluster keeps its storage) do not
-give. Each render is owned by one ingress replica at a time: the owner holds a lease it
-renews; a replica takes over a render whose lease ran out (its owner died), and every write a
-render's run makes is conditioned on still owning it.
+Two stores, one SQL: SQLite (a file; the embedded default for one machine) and PostgreSQL (a
+`postgresql://` URL; for more than one ingress replica). SQLite runs with a rollback journal,
+not WAL: WAL needs memory shared between the processes that open the file, which NFS/EFS
+(where the cluster keeps its storage) do not give. Each render is owned by one ingress replica
+at a time: the owner holds a lease it renews; a replica takes over a render whose lease ran
+out (its owner died), and every write a render's run makes is conditioned on still owning it.
 """
 
 from __future__ import annotations
@@ -20,59 +21,94 @@ UNFINISHED = ("queued", "running")
 TERMINAL = ("finished", "failed", "cancelled")
 STATES = (*UNFINISHED, *TERMINAL)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS renders (
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS renders (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
     request TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
     sections_total INTEGER,
     sections_done INTEGER NOT NULL DEFAULT 0,
     frames INTEGER,
-    eta_s REAL,
+    eta_s DOUBLE PRECISION,
     error TEXT,
     owner TEXT,
-    lease_until REAL,
+    lease_until DOUBLE PRECISION,
     client TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
+)""",
+    """CREATE TABLE IF NOT EXISTS events (
     id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     event TEXT NOT NULL,
     PRIMARY KEY (id, seq)
-);
-"""
-ADDED_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "client": "TEXT"}  # absent in older databases
+)""",
+)
+ADDED_COLUMNS = {"owner": "TEXT", "lease_until": "DOUBLE PRECISION", "client": "TEXT"}  # absent in older databases
+SCHEMA_LOCK = 7_341_002  # PostgreSQL advisory lock: replicas starting together create the tables once
+
+
+def is_database_url(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def _open_sqlite(path: str) -> sqlite3.Connection:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=DELETE")
+    for statement in SCHEMA:
+        db.execute(statement)
+    have = {r["name"] for r in db.execute("PRAGMA table_info(renders)")}
+    for column, kind in ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE renders ADD COLUMN {column} {kind}")
+    return db
+
+
+def _open_postgres(url: str):
+    import psycopg  # only deployments with a database_url need it
+    from psycopg.rows import dict_row
+
+    db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+    db.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+    try:
+        for statement in SCHEMA:
+            db.execute(statement)
+        for column, kind in ADDED_COLUMNS.items():
+            db.execute(f"ALTER TABLE renders ADD COLUMN IF NOT EXISTS {column} {kind}")
+    finally:
+        db.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+    return db
 
 
 class RenderRecords:
-    """One row per render, plus its progress events (steps excluded: they are live only)."""
+    """One row per render, plus its progress events (steps excluded: they are live only).
+    `location`: a SQLite file, or a PostgreSQL URL (postgresql://user@host/db)."""
 
-    def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=DELETE")
-        self._db.executescript(SCHEMA)
-        have = {r["name"] for r in self._db.execute("PRAGMA table_info(renders)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE renders ADD COLUMN {column} {kind}")
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self._postgres = is_database_url(location)
+        self._db = _open_postgres(self.location) if self._postgres else _open_sqlite(self.location)
         self._lock = threading.Lock()
+
+    def _execute(self, sql: str, params: tuple):
+        if self._postgres:
+            sql = sql.replace("?", "%s")
+        return self._db.execute(sql, params)
 
     def _run(self, sql: str, *params) -> list:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            return self._execute(sql, params).fetchall()
 
     def _change(self, sql: str, *params) -> int:
         """Rows changed by one statement."""
         with self._lock:
-            return self._db.execute(sql, params).rowcount
+            return self._execute(sql, params).rowcount
 
     def create(self, rid: str, request: dict, client: str | None = None) -> None:
         now = time.time()
-        self._run("INSERT INTO renders (id, status, request, created, updated, client) VALUES (?, 'queued', ?, ?, ?, ?)",
+        self._change("INSERT INTO renders (id, status, request, created, updated, client) VALUES (?, 'queued', ?, ?, ?, ?)",
                   rid, json.dumps(request), now, now, client)
 
     def update(self, rid: str, held_by: str | None = None, **fields) -> bool:
@@ -112,20 +148,20 @@ class RenderRecords:
 
     def count_unfinished(self, client: str | None = None) -> int:
         where, extra = (" AND client = ?", (client,)) if client is not None else ("", ())
-        return self._run(f"SELECT COUNT(*) FROM renders WHERE status IN (?, ?){where}", *UNFINISHED, *extra)[0][0]
+        return self._run(f"SELECT COUNT(*) AS n FROM renders WHERE status IN (?, ?){where}", *UNFINISHED, *extra)[0]["n"]
 
     def ended_before(self, when: float) -> list[str]:
         """Ids of renders that ended before `when`, oldest first."""
-        return [r[0] for r in self._run("SELECT id FROM renders WHERE status IN (?, ?, ?) AND updated < ? ORDER BY updated",
+        return [r["id"] for r in self._run("SELECT id FROM renders WHERE status IN (?, ?, ?) AND updated < ? ORDER BY updated",
                                         *TERMINAL, when)]
 
     def delete(self, rid: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM events WHERE id = ?", (rid,))
-            self._db.execute("DELETE FROM renders WHERE id = ?", (rid,))
+        self._change("DELETE FROM events WHERE id = ?", rid)
+        self._change("DELETE FROM renders WHERE id = ?", rid)
 
     def add_event(self, rid: str, seq: int, event: dict) -> None:
-        self._run("INSERT OR REPLACE INTO events (id, seq, event) VALUES (?, ?, ?)", rid, seq, json.dumps(event))
+        self._change("INSERT INTO events (id, seq, event) VALUES (?, ?, ?) ON CONFLICT (id, seq) DO UPDATE SET event = excluded.event",
+                     rid, seq, json.dumps(event))
 
     def events(self, rid: str, after: int = -1) -> list[tuple[int, dict]]:
         return [(r["seq"], json.loads(r["event"]))
@@ -133,11 +169,11 @@ class RenderRecords:
 
     def last_seq(self, rid: str) -> int:
         """The highest event id stored for `rid` (-1: none): a resumed run numbers on from it."""
-        value = self._run("SELECT MAX(seq) FROM events WHERE id = ?", rid)[0][0]
+        value = self._run("SELECT MAX(seq) AS last FROM events WHERE id = ?", rid)[0]["last"]
         return -1 if value is None else value
 
 
-def _row(row: sqlite3.Row) -> dict:
+def _row(row) -> dict:
     record = dict(row)
     record["request"] = json.loads(record["request"])
     return record

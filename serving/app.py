@@ -154,8 +154,9 @@ def service_config(args: dict) -> ServiceConfig:
 
 def build_app(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` builder. args: model (default: the tiny checkpoint),
-    storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite;
-    default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token},
+    storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite file;
+    default STORAGE/renders.db) or database_url (postgresql://...: for several ingress replicas),
+    auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token},
     or env FP_RAY_API_TOKENS="name=token,..."), device, dtype, and any ServiceConfig field
     (max_upload_mb, max_queued, url_allow, retention_days, ...)."""
     model = args.get("model", str(TINY_CHECKPOINT))
@@ -167,7 +168,7 @@ def build_app(args: dict) -> serve.Application:
         Decoder.bind(model, device),
         model,
         storage,
-        args.get("database"),
+        args.get("database_url") or args.get("database"),
         args.get("auth_token"),
         service_config(args),
         args.get("tokens"),

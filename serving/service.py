@@ -227,6 +227,7 @@ class RenderService:
 
     async def _run(self, render: Render, request: RenderRequest) -> None:
         rid, owner = render.id, render.owner
+        ended = False  # this run wrote the render's end (not: it lost the render, or the replica stops)
         try:
             images = await asyncio.to_thread(self._read_inputs, rid, request)
             result = await run_render(request, self.pools, out=self.video_path(rid), store=self.store, request_id=rid,
@@ -239,18 +240,18 @@ class RenderService:
             raise
         except Exception as e:  # any failure ends this render only; the user sees what, the log sees why
             log.exception("render %s failed", rid)
-            if await self.db(self.records.update, rid, owner, status="failed", error=user_error(e), eta_s=None):
+            if ended := await self.db(self.records.update, rid, owner, status="failed", error=user_error(e), eta_s=None):
                 self.metrics.failed.inc()
                 self._publish(render, {"type": "failed", "error": user_error(e)})
         else:
-            if await self.db(self.records.update, rid, owner, status="finished", frames=len(result.frames), eta_s=0.0):
+            if ended := await self.db(self.records.update, rid, owner, status="finished", frames=len(result.frames), eta_s=0.0):
                 self.metrics.finished.inc()
                 self.metrics.video_seconds.inc(len(result.frames) / request.fps)
                 self._publish(render, {"type": "finished", "frames": len(result.frames)})
         finally:
             self.metrics.queue_depth.dec()
             self.live.pop(rid, None)
-            if not render.cancelled_by_user:  # a cancel cleans up in cancel()
+            if ended:  # a cancel cleans up in cancel()
                 await self.retention.drop_work_files(rid)
 
     def _on_event(self, render: Render, event: dict) -> None:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
 from fp_ray.records import RenderRecords
 from fp_ray.render import LocalPools
+from fp_ray.request import make_request
 from serving.api import bind_service, make_api
 from serving.service import RenderService, ServiceConfig
 
@@ -103,3 +104,35 @@ def test_idle_streams_get_heartbeats(pools, tmp_path):
         records.add_event("held", 0, {"type": "cancelled"})
         with client.stream("GET", "/v1/renders/held/events") as r:  # ends with the render
             assert [line for line in r.iter_lines() if line.startswith("event:")] == ["event: cancelled"]
+
+
+def test_two_replicas_on_postgresql_one_takes_over_the_others_render(pools, tmp_path, postgres_url):
+    """Replica A starts a render and dies (its run stops, its lease is no longer renewed);
+    replica B, on the same database and storage, takes the render over and finishes it."""
+    import asyncio
+
+    config = ServiceConfig(lease_s=0.5)
+    RenderRecords(postgres_url)._change("DELETE FROM renders")
+    request = make_request(prompt="x", image="upload", width=64, height=48, steps=2, seconds=2.4)
+
+    async def scenario():
+        a = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
+        b = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
+        rid = await a.submit(request, SAMPLE_IMAGE.read_bytes(), None)
+        assert a.records.get(rid)["owner"].startswith(a.replica)
+        a.live[rid].task.cancel()  # A dies mid-render: nothing written, the lease runs out
+        await asyncio.gather(a.live[rid].task, return_exceptions=True) if rid in a.live else None
+        b.start()
+        deadline = time.monotonic() + 60
+        while b.records.get(rid)["status"] != "finished" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        record = b.records.get(rid)
+        assert record["status"] == "finished" and record["owner"].startswith(b.replica)
+        assert b.video_path(rid).read_bytes()[4:8] == b"ftyp"
+        assert not a.records.update(rid, a.replica, status="failed")  # A's writes no longer land
+        b._maintainer.cancel()
+        return rid
+
+    rid = asyncio.run(scenario())
+    assert (tmp_path / "renders" / rid / "video.mp4").exists()
+    assert not (tmp_path / "renders" / rid / "input").exists()  # retention: inputs go once it finished
