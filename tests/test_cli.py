@@ -64,3 +64,9 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     assert len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "video.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4"]
+
+
+def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_path, capsys):
+    assert main(["serve", "--token-file", str(tmp_path / "missing"), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1
