@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -256,21 +257,21 @@ def make_api() -> FastAPI:
         last = request.headers.get("last-event-id", "").strip()
         after = int(last) if last.isdigit() and len(last) < 19 else -1
         try:
-            svc.open_stream(rid)
+            release = svc.open_stream(rid)
         except Busy as e:
             svc.metrics.rejected.labels("streams").inc()
             raise busy(e) from None
-        svc.metrics.streams.inc()
 
         async def stream():
             try:
                 async for item in svc.events(rid, after):
                     yield ": heartbeat\n\n" if item is None else sse(*item)
             finally:
-                svc.close_stream(rid)
-                svc.metrics.streams.dec()
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        body = stream()
+        weakref.finalize(body, release)  # a client gone before the stream started still frees its slot
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.get("/v1/renders/{rid}/sections/{position}.mp4")
     async def section_preview(request: Request, rid: str, position: int):

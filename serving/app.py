@@ -28,7 +28,7 @@ from fp_ray.schedule import Plan
 from fp_ray.storage import SectionStore
 from fp_ray.workers import Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
 from serving.api import bind_service, make_api
-from serving.service import RenderService, ServiceConfig, owner_location, read_owner
+from serving.service import CANCELLED_TOKEN, RenderService, ServiceConfig, owner_location, read_owner
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ class Generator:
         before its checkpoint, even if the caller's cancellation never reached this replica."""
         token = owner_location(SectionStore(job.store), job.request_id) if job.store else None
         owner = await asyncio.to_thread(read_owner, token) if token else None
+        if token and owner in (None, CANCELLED_TOKEN):  # the render was cancelled (and its files removed)
+            raise Cancelled(f"render {job.request_id}: section {job.position} not started, the render was cancelled")
         async for event in iterate_in_thread(self.worker.generate(job)):
             yield event
-            if owner is not None and await asyncio.to_thread(read_owner, token) != owner:
+            if token and await asyncio.to_thread(read_owner, token) != owner:
                 raise Cancelled(f"render {job.request_id}: section {job.position} stopped, its owner changed")
 
 

@@ -325,31 +325,40 @@ class RenderService:
 
     # ---- events ----------------------------------------------------------------------------
 
-    def open_stream(self, rid: str) -> None:
-        """Count one more SSE stream of `rid`, or Busy past the caps."""
+    def open_stream(self, rid: str) -> Callable[[], None]:
+        """Count one more SSE stream of `rid` (Busy past the caps); returns its release, which
+        may be called more than once."""
         if sum(self.streams.values()) >= self.config.max_streams:
             raise Busy(f"{self.config.max_streams} event streams are open; retry later", 5)
         if self.streams.get(rid, 0) >= self.config.max_streams_per_render:
             raise Busy(f"{self.config.max_streams_per_render} event streams are open for this render", 5)
         self.streams[rid] = self.streams.get(rid, 0) + 1
+        self.metrics.streams.inc()
+        released = False
 
-    def close_stream(self, rid: str) -> None:
-        self.streams[rid] -= 1
-        if not self.streams[rid]:
-            del self.streams[rid]
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.streams[rid] -= 1
+                if not self.streams[rid]:
+                    del self.streams[rid]
+                self.metrics.streams.dec()
+
+        return release
 
     async def events(self, rid: str, after: int = -1) -> AsyncIterator[tuple[int, dict] | None]:
         """Yield (seq, event) after event id `after` until the render's terminal event, and None
         as a heartbeat when nothing happened for `heartbeat_s`. Ids increase across resumes.
         Past the end of a live render: from its next event; of an ended one: its terminal
         event again, then the end."""
-        sent = False
+        sent, quiet_since = False, time.monotonic()
         while True:
             render = self.live.get(rid)
             if render is None:  # ended, or run by another replica: follow the database
                 for seq, event in await self.db(self.records.events, rid, after):
                     yield seq, event
-                    sent, after = True, seq
+                    sent, after, quiet_since = True, seq, time.monotonic()
                     if event["type"] in TERMINAL:
                         return
                 record = await self.db(self.records.get, rid)
@@ -362,7 +371,9 @@ class RenderService:
                             yield ending[-1]
                     return
                 await asyncio.sleep(min(1.0, self.config.heartbeat_s))
-                yield None
+                if time.monotonic() - quiet_since >= self.config.heartbeat_s:
+                    quiet_since = time.monotonic()
+                    yield None
                 continue
             after = min(after, render.next_seq - 1)
             if after < render.first_seq - 1:  # earlier runs' events live in the database only

@@ -136,3 +136,20 @@ def test_two_replicas_on_postgresql_one_takes_over_the_others_render(pools, tmp_
     rid = asyncio.run(scenario())
     assert (tmp_path / "renders" / rid / "video.mp4").exists()
     assert not (tmp_path / "renders" / rid / "input").exists()  # retention: inputs go once it finished
+
+
+def test_retention_removes_old_renders_then_the_oldest_while_over_the_size_cap(pools, tmp_path):
+    import asyncio
+
+    svc = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), config=ServiceConfig(retention_days=1, retention_gb=1 / 1024))
+    for rid, age_days, megabytes in (("old", 3, 0.1), ("big", 0.5, 2), ("new", 0, 0.1)):
+        svc.records.create(rid, {"prompt": "x"})
+        svc.records.update(rid, status="finished")
+        svc.records._change("UPDATE renders SET updated = ? WHERE id = ?", time.time() - age_days * 86400, rid)
+        svc.video_path(rid).parent.mkdir(parents=True)
+        svc.video_path(rid).write_bytes(b"\0" * int(megabytes * 2**20))
+    svc.records.create("running", {"prompt": "x"})  # unfinished renders are never removed
+    assert asyncio.run(svc.retention.sweep()) == 2
+    assert [r["id"] for r in svc.records.list()] == ["running", "new"]
+    assert not svc.folder("old").exists() and not svc.folder("big").exists() and svc.video_path("new").exists()
+    assert 0 < svc.metrics.storage_bytes._value.get() < 2**20
