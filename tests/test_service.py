@@ -153,3 +153,31 @@ def test_retention_removes_old_renders_then_the_oldest_while_over_the_size_cap(p
     assert [r["id"] for r in svc.records.list()] == ["running", "new"]
     assert not svc.folder("old").exists() and not svc.folder("big").exists() and svc.video_path("new").exists()
     assert 0 < svc.metrics.storage_bytes._value.get() < 2**20
+
+
+class FlakyDecoder:
+    """A decoder handle whose first `failures` calls find the replica lost."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+        self.decode = self
+
+    async def remote(self, *args):
+        from ray.exceptions import ActorUnavailableError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ActorUnavailableError("replica lost", None)
+        return "chunk"
+
+
+def test_a_lost_decoder_replica_is_retried_then_reported_as_lost():
+    import asyncio
+
+    from fp_ray.coordinator import WorkerLost
+    from serving.app import ServePools
+
+    decoder = FlakyDecoder(failures=2)
+    assert asyncio.run(ServePools(None, None, decoder).decode(None, 0, None, {})) == "chunk" and decoder.calls == 3
+    with pytest.raises(WorkerLost, match="decoder replica lost 3 times"):
+        asyncio.run(ServePools(None, None, FlakyDecoder(failures=3)).decode(None, 0, None, {}))
