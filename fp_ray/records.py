@@ -128,10 +128,16 @@ class RenderRecords:
             " AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?)",
             owner, now + lease_s, rid, *UNFINISHED, now) == 1
 
-    def renew(self, rid: str, owner: str, lease_s: float) -> bool:
-        """Extend `owner`'s lease; False once the render is no longer its own (cancelled, taken over)."""
-        return self._change("UPDATE renders SET lease_until = ? WHERE id = ? AND owner = ? AND status IN (?, ?)",
-                            time.time() + lease_s, rid, owner, *UNFINISHED) == 1
+    def renew(self, owners: list[str], lease_s: float) -> set[str]:
+        """Extend the leases of `owners` (one write for a replica's renders); returns those still
+        held: a render cancelled or taken over is no longer its owner's."""
+        if not owners:
+            return set()
+        marks = ", ".join("?" * len(owners))
+        self._change(f"UPDATE renders SET lease_until = ? WHERE owner IN ({marks}) AND status IN (?, ?)",
+                     time.time() + lease_s, *owners, *UNFINISHED)
+        return {r["owner"] for r in self._run(f"SELECT owner FROM renders WHERE owner IN ({marks}) AND status IN (?, ?)",
+                                              *owners, *UNFINISHED)}
 
     def get(self, rid: str) -> dict | None:
         rows = self._run("SELECT * FROM renders WHERE id = ?", rid)

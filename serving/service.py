@@ -97,6 +97,7 @@ class Render:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.cancelled_by_user = False
+        self.running = False  # the record says running
         self.last_eta_write = 0.0
 
 
@@ -170,8 +171,10 @@ class RenderService:
             await asyncio.sleep(self.config.lease_s / 3)
 
     async def keep_leases(self) -> None:
-        for render in list(self.live.values()):
-            if not await self.db(self.records.renew, render.id, render.owner, self.config.lease_s):
+        renders = list(self.live.values())
+        held = await self.db(self.records.renew, [r.owner for r in renders], self.config.lease_s)
+        for render in renders:
+            if render.owner not in held:
                 log.warning("render %s is no longer owned by replica %s; stopping its run", render.id, self.replica)
                 if render.task is not None:
                     render.task.cancel()
@@ -262,7 +265,8 @@ class RenderService:
             render.sections_done = len(event["reused"])
             self.db_later(self.records.update, rid, owner, status="queued", sections_total=event["sections"],
                           sections_done=render.sections_done)
-        elif kind == "section_started":
+        elif kind == "section_started" and not render.running:
+            render.running = True
             self.db_later(self.records.update, rid, owner, status="running")
         elif kind == "step":
             self.metrics.steps.inc()

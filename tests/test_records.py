@@ -28,12 +28,12 @@ def test_records_events_and_ownership(location):
     assert b.get("r1")["status"] == "queued" and b.count_unfinished() == 1 and b.count_unfinished("alice") == 1
     assert a.claim("r1", "replica-a", lease_s=0.3)
     assert not b.claim("r1", "replica-b", lease_s=0.3)  # held
-    assert a.update("r1", "replica-a", status="running") and a.renew("r1", "replica-a", lease_s=0.3)
+    assert a.update("r1", "replica-a", status="running") and a.renew(["replica-a", "gone"], lease_s=0.3) == {"replica-a"}
     deadline = time.monotonic() + 5
     while not b.orphans() and time.monotonic() < deadline:
         time.sleep(0.05)  # waiting for the lease to run out, as a replica does
     assert [r["id"] for r in b.orphans()] == ["r1"] and b.claim("r1", "replica-b", lease_s=30)
-    assert not a.update("r1", "replica-a", status="failed") and not a.renew("r1", "replica-a", lease_s=30)
+    assert not a.update("r1", "replica-a", status="failed") and a.renew(["replica-a"], lease_s=30) == set()
     assert b.get("r1")["status"] == "running" and b.get("r1")["owner"] == "replica-b"
     for seq in (0, 1, 5):
         a.add_event("r1", seq, {"type": "plan" if seq == 0 else "section_finished", "n": seq})
