@@ -238,6 +238,14 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
         assert "finished" in page.text_content("#status")
         assert page.get_attribute("#download", "href").startswith("blob:")
         page.screenshot(path=str(Path(os.environ.get("FP_RAY_SCREENSHOTS", "/tmp")) / "fp-ray-web.png"))
+        # a render cancelled elsewhere shows as cancelled
+        page.fill("#seconds", "30")
+        page.click("#submit")
+        page.wait_for_function("() => /sections/.test(document.getElementById('status').textContent)", timeout=60_000)
+        rid = page.text_content("#status").split()[1].rstrip(":")
+        assert client.delete(f"/v1/renders/{rid}").json()["status"] == "cancelled"
+        page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': cancelled')", timeout=30_000)
+        assert page.text_content("#error") == ""
         browser.close()
 
 
