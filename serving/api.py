@@ -7,6 +7,7 @@ threads. Every refusal is a 4xx with a short reason; a bad value is echoed as an
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import secrets
 import weakref
@@ -26,6 +27,7 @@ from serving.service import Busy, RenderService
 
 STATIC = Path(__file__).parent / "static"
 FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "model"}
+MAX_PIXELS = 4096 * 4096
 MAX_DETAIL = 300  # characters of a reason; a bad value is shown as an excerpt
 MAX_SIZE_TEXT = 32
 
@@ -102,9 +104,18 @@ def check_image(data: bytes, what: str) -> None:
     if not data:
         raise HTTPException(422, f"{what}: the upload is empty")
     try:
+        with Image.open(io.BytesIO(data)) as im:  # the header alone: refuse huge images before decoding
+            pixels = im.width * im.height
+    except Image.DecompressionBombError as e:
+        raise HTTPException(422, f"{what}: {e}") from None
+    except (OSError, SyntaxError, ValueError):
+        pixels = 0  # not an image: decode_image names the problem
+    if pixels > MAX_PIXELS:
+        raise HTTPException(422, f"{what}: {pixels} pixels is over the {MAX_PIXELS} pixel limit")
+    try:
         decode_image(data, what, "the upload")
-    except (ImageError, Image.DecompressionBombError) as e:
-        raise HTTPException(422, f"{what}: {e}" if isinstance(e, Image.DecompressionBombError) else str(e)) from None
+    except ImageError as e:
+        raise HTTPException(422, str(e)) from None
 
 
 async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]:
