@@ -93,9 +93,20 @@ class RenderRecords:
         self._lock = threading.Lock()
 
     def _execute(self, sql: str, params: tuple):
-        if self._postgres:
-            sql = sql.replace("?", "%s")
-        return self._db.execute(sql, params)
+        if not self._postgres:
+            return self._db.execute(sql, params)
+        import psycopg
+
+        sql = sql.replace("?", "%s")
+        try:
+            return self._db.execute(sql, params)
+        except psycopg.OperationalError:
+            if not self._db.closed:
+                raise
+            # the server restarted or failed over: every statement is autocommitted, so running
+            # it again on a new connection is safe
+            self._db = _open_postgres(self.location)
+            return self._db.execute(sql, params)
 
     def _run(self, sql: str, *params) -> list:
         with self._lock:

@@ -48,3 +48,12 @@ def test_records_events_and_ownership(location):
 def test_sqlite_uses_a_rollback_journal_not_wal(tmp_path):
     records = RenderRecords(tmp_path / "renders.db")
     assert records._run("PRAGMA journal_mode")[0][0] == "delete"
+
+
+def test_postgres_records_reconnect_after_the_connection_dropped(postgres_url):
+    records = RenderRecords(postgres_url)
+    records.create("rc", {"prompt": "x"})
+    before = records._db.info.backend_pid
+    RenderRecords(postgres_url)._run("SELECT pg_terminate_backend(?)", before)
+    assert records.get("rc")["status"] == "queued" and records._db.info.backend_pid != before  # on a new connection
+    records.delete("rc")
