@@ -5,6 +5,7 @@ vanished, heartbeats, retention."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -181,3 +182,38 @@ def test_a_lost_decoder_replica_is_retried_then_reported_as_lost():
     assert asyncio.run(ServePools(None, None, decoder).decode(None, 0, None, {})) == "chunk" and decoder.calls == 3
     with pytest.raises(WorkerLost, match="decoder replica lost 3 times"):
         asyncio.run(ServePools(None, None, FlakyDecoder(failures=3)).decode(None, 0, None, {}))
+
+
+def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(pools, tmp_path):
+    """The Generator deployment's code in-process: a new owner (or a cancel) rewrites the
+    token; the section in flight stops before its next step and saves no checkpoint."""
+    import asyncio
+
+    from fp_ray.storage import SectionStore, write_bytes
+    from fp_ray.workers import Cancelled, SectionJob
+    from serving.app import Generator
+    from serving.service import owner_location
+
+    store = SectionStore(tmp_path / "sections")
+    request = make_request(prompt="x", image=str(SAMPLE_IMAGE), width=64, height=48, steps=6, seconds=1.2)
+    generator = object.__new__(Generator.func_or_class)
+    generator.worker = pools.generator
+
+    async def run(rewrite_after: int | None, seen: list[str]) -> list[str]:
+        encoded = await pools.encode(request)
+        section = next(s for s in encoded.plan.sections if not s.depends_on)
+        job = SectionJob("r1", encoded.fingerprint, encoded.request, encoded.plan, section.position, encoded.cond, {}, store.root)
+        write_bytes(owner_location(store, "r1"), b"owner-a")
+        async for event in generator.generate(job):
+            seen.append(event["type"])
+            if seen.count("step") == rewrite_after:
+                write_bytes(owner_location(store, "r1"), b"owner-b")  # another replica took the render over
+        return seen
+
+    seen: list[str] = []
+    with pytest.raises(Cancelled, match="owner changed"):
+        asyncio.run(run(2, seen))
+    assert seen.count("step") == 2  # not one step more
+    assert not any(Path(store.root).rglob("*.safetensors"))  # stopped before saving
+    assert asyncio.run(run(None, [])).count("step") == 6  # untouched: runs and saves
+    assert any(Path(store.root).rglob("*.safetensors"))
