@@ -125,8 +125,8 @@ def test_two_replicas_on_postgresql_one_takes_over_the_others_render(pools, tmp_
         await asyncio.gather(a.live[rid].task, return_exceptions=True) if rid in a.live else None
         b.start()
         deadline = time.monotonic() + 60
-        while b.records.get(rid)["status"] != "finished" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        while (b.records.get(rid)["status"] != "finished" or rid in b.live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until B's run is over, its clean-up included
         record = b.records.get(rid)
         assert record["status"] == "finished" and record["owner"].startswith(b.replica)
         assert b.video_path(rid).read_bytes()[4:8] == b"ftyp"
