@@ -287,10 +287,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from serving.app import build_app
 
+    token = args.token
+    if args.token_file:  # a file, so the token does not show in `ps`
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise CliError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
     ModelSources.resolve(args.model)
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": args.token})
+    app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": token})
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
@@ -365,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--model", default=RenderRequest.model_fields["model"].default, help="checkpoint (default: tiny)")
     p_serve.add_argument("--storage", default="fp-ray-data", help="artifacts + checkpoints folder (default %(default)s)")
     p_serve.add_argument("--database", help="SQLite file for render records (default: STORAGE/renders.db)")
-    p_serve.add_argument("--token", help="require Authorization: Bearer TOKEN on /v1 (default: env FP_RAY_API_TOKEN)")
+    p_serve.add_argument("--token", help="require Authorization: Bearer TOKEN on /v1 (default: env FP_RAY_API_TOKEN; "
+                         "visible in ps: prefer --token-file or the env)")
+    p_serve.add_argument("--token-file", help="read the bearer token from this file")
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")

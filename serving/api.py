@@ -1,96 +1,147 @@
-"""HTTP API of the render service (FastAPI; OpenAPI at /docs) and the web page at /."""
+"""HTTP API of the render service (FastAPI; OpenAPI at /docs) and the web page at /.
+
+Nothing here blocks the event loop: bodies are read with a cap while they stream in, image
+URLs are fetched asynchronously (serving/fetch.py), images are decoded and records read on
+threads. Every refusal is a 4xx with a short reason; a bad value is echoed as an excerpt."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Message
 
-from fp_ray.encode import ImageError, decode_image, read_image_bytes
+from fp_ray.encode import ImageError, decode_image
 from fp_ray.request import RenderRequest, RequestError, make_request, parse_size
-from serving.service import public, sse
+from serving.fetch import FetchRefused, fetch_image_bytes
+from serving.service import Busy, RenderService
 
 STATIC = Path(__file__).parent / "static"
 FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "model"}
-URL_SCHEMES = ("http://", "https://")  # never local paths: users must not read the server's files
+MAX_DETAIL = 300  # characters of a reason; a bad value is shown as an excerpt
+MAX_SIZE_TEXT = 32
 
 
-_services: dict[str, object] = {}  # the replica's RenderService (Serve copies the FastAPI app object)
+_services: dict[str, RenderService] = {}  # the replica's RenderService (Serve copies the FastAPI app object)
 
 
-def bind_service(svc) -> None:
+def bind_service(svc: RenderService) -> None:
     _services["current"] = svc
 
 
-def service(request: Request):
+def service(request: Request) -> RenderService:
     svc = _services["current"]
-    svc.resume_unfinished()
+    svc.start()
     return svc
 
 
-def authorize(request: Request) -> None:
-    token = service(request).auth_token
-    if token is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)", {"WWW-Authenticate": "Bearer"})
+def excerpt(value: object, n: int = 40) -> str:
+    text = str(value)
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
-def check_image(data: bytes, what: str) -> bytes:
-    """The same limits as the CLI and manifest rows (pixels, sides, a decodable image)."""
+def authorize(request: Request) -> str | None:
+    """The name of the caller's token (None when the service needs no token)."""
+    tokens = service(request).tokens
+    if not tokens:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":  # the scheme is case-insensitive (RFC 7235)
+        for name, token in tokens.items():
+            if secrets.compare_digest(given.strip().encode(), token.encode()):
+                return name
+    raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)", {"WWW-Authenticate": "Bearer"})
+
+
+def busy(e: Busy) -> HTTPException:
+    return HTTPException(429, str(e), {"Retry-After": str(e.retry_after)})
+
+
+class BodyTooLarge(Exception):
+    """The body went past the cap while it streamed in."""
+
+
+def capped(request: Request, limit: int) -> Request:
+    """The same request, whose body raises BodyTooLarge once more than `limit` bytes arrived:
+    a chunked body is refused as it streams, not after it was buffered whole."""
+    seen = 0
+
+    async def receive() -> Message:
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise BodyTooLarge()
+        return message
+
+    return Request(request.scope, receive)
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        fields = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise HTTPException(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
+    if not isinstance(fields, dict):
+        raise HTTPException(422, "body must be a JSON object")
+    return fields
+
+
+def check_image(data: bytes, what: str) -> None:
+    """The same limits as the CLI and manifest rows (pixels from the header before any
+    decoding, sides, a decodable image, EXIF orientation); run on a thread."""
     try:
         decode_image(data, what, "the upload")
     except ImageError as e:
         raise HTTPException(422, str(e)) from None
-    return data
 
 
 async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]:
     """(fields, image bytes, end image bytes) from a multipart form or a JSON body."""
-    limit = service(request).max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    svc = service(request)
+    limit = svc.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and len(length) < 20 and int(length) > limit:
         raise HTTPException(413, f"request body is {int(length)} bytes; the limit is {limit}")
     kind = request.headers.get("content-type", "")
     images: dict[str, bytes | None] = {"image": None, "end_image": None}
-    if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        fields = {}
-        for key, value in form.multi_items():
-            if key in images and hasattr(value, "read"):
-                images[key] = await value.read()
-                if len(images[key]) > limit:
-                    raise HTTPException(413, f"{key}: the upload is over {limit} bytes")
-            elif value != "":
-                fields[key] = value
-    elif kind.startswith("application/json"):
-        body = await request.body()
-        if len(body) > limit:
-            raise HTTPException(413, f"request body is over {limit} bytes")
-        try:
-            fields = json.loads(body)
-        except json.JSONDecodeError as e:
-            raise HTTPException(400, f"body is not valid JSON: {e}") from None
-        if not isinstance(fields, dict):
-            raise HTTPException(422, "body must be a JSON object")
-    else:
-        raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
+    body = capped(request, limit)
+    try:
+        if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            form = await body.form(max_files=2, max_fields=64)
+            fields = {}
+            for key, value in form.multi_items():
+                if key in images and hasattr(value, "read"):
+                    images[key] = await value.read()
+                elif isinstance(value, str) and value != "":
+                    fields[key] = value
+        elif kind.startswith("application/json"):
+            fields = await asyncio.to_thread(parse_json, await body.body())
+        else:
+            raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
+    except BodyTooLarge:
+        raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
     for key in ("image", "end_image"):
         url = fields.pop(f"{key}_url", None)
         if images[key] is None and url:
-            if not str(url).startswith(URL_SCHEMES):
-                raise HTTPException(422, f"{key}_url: must be an http(s) URL, got {str(url)[:100]!r}")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise HTTPException(422, f"{key}_url: must be an http(s) URL, got {excerpt(url)}")
             try:
-                images[key] = read_image_bytes(str(url), key)
-            except ImageError as e:
-                raise HTTPException(422, str(e)) from None
-        if images[key] is not None:
-            check_image(images[key], key)
+                images[key] = await fetch_image_bytes(url, svc.fetch, f"{key}_url")
+                await asyncio.to_thread(check_image, images[key], key)
+            except (FetchRefused, HTTPException):  # what came back stays as unknown as a refused URL
+                raise HTTPException(422, str(FetchRefused(f"{key}_url", ""))) from None
+        elif images[key] is not None:
+            await asyncio.to_thread(check_image, images[key], key)
     if images["image"] is None:
         raise HTTPException(422, "image: upload a file named 'image' or give image_url")
     return fields, images["image"], images["end_image"]
@@ -99,26 +150,59 @@ async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]
 def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
     unknown = set(fields) - FIELDS - {"size"}
     if unknown:
-        raise HTTPException(422, f"unknown fields {sorted(unknown)}; known: {sorted(FIELDS | {'size'})}")
+        shown = sorted(excerpt(k, 20) for k in unknown)[:5]
+        raise HTTPException(422, f"unknown fields [{', '.join(shown)}]; known: {sorted(FIELDS | {'size'})}")
     try:
         if "size" in fields:
-            fields["width"], fields["height"] = parse_size(str(fields.pop("size")))
+            size = str(fields.pop("size"))
+            if len(size) > MAX_SIZE_TEXT:
+                raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(size, 20)}")
+            fields["width"], fields["height"] = parse_size(size)
         # a placeholder path: the service stores the uploads and points the request at them
         placeholders = {"image": "upload", "end_image": "upload" if end_image is not None else None}
         return make_request(**fields, **placeholders)
-    except RequestError as e:
+    except (RequestError, ValueError, TypeError) as e:  # ValueError: e.g. an int of 5000 digits
         raise HTTPException(422, str(e)) from None
 
 
-def record_or_404(request: Request, rid: str) -> dict:
-    record = service(request).records.get(rid)
+async def record_or_404(request: Request, rid: str) -> dict:
+    svc = service(request)
+    record = await svc.db(svc.records.get, rid) if len(rid) <= 64 else None
     if record is None:
-        raise HTTPException(404, f"no render {rid!r}")
+        raise HTTPException(404, f"no render {excerpt(rid)}")
     return record
+
+
+def sse(seq: int, event: dict) -> str:
+    return f"id: {seq}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+def public(record: dict, base: str) -> dict:
+    """A record as the API shows it: no server paths, no owner."""
+    request = {k: v for k, v in record["request"].items() if k not in ("image", "end_image", "model")}
+    rid = record["id"]
+    links = {"self": f"{base}/v1/renders/{rid}", "events": f"{base}/v1/renders/{rid}/events"}
+    if record["status"] == "finished":
+        links["video"] = f"{base}/v1/renders/{rid}/video.mp4"
+    return {
+        "id": rid, "status": record["status"], "sections_done": record["sections_done"],
+        "sections_total": record["sections_total"], "eta_s": record["eta_s"], "error": record["error"],
+        "frames": record["frames"], "created": record["created"], "updated": record["updated"],
+        "request": request, "links": links,
+    }
 
 
 def make_api() -> FastAPI:
     api = FastAPI(title="fp-ray", description="Long FramePack videos on Ray: submit, watch, download.", version="0.1.0")
+
+    @api.exception_handler(HTTPException)
+    async def short_reasons(request: Request, exc: HTTPException):
+        if isinstance(exc.detail, str) and len(exc.detail) > MAX_DETAIL:
+            exc = HTTPException(exc.status_code, exc.detail[:MAX_DETAIL] + "...", exc.headers)
+        return await http_exception_handler(request, exc)
+
+    def base(request: Request) -> str:
+        return service(request).config.public_url.rstrip("/")
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -137,64 +221,85 @@ def make_api() -> FastAPI:
         """Multipart: `image` (file), optional `end_image` (file), and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
         fps, crf). JSON: the same fields with `image_url` (http/https)."""
-        authorize(request)
+        client = authorize(request)
+        svc = service(request)
         fields, image, end_image = await read_body(request)
         render_request = to_request(fields, end_image)
-        rid = service(request).submit(render_request, image, end_image)
-        body = public(service(request).records.get(rid), str(request.base_url).rstrip("/"))
+        try:
+            rid = await svc.submit(render_request, image, end_image, client)
+        except Busy as e:
+            svc.metrics.rejected.labels("renders").inc()
+            raise busy(e) from None
+        body = public(await record_or_404(request, rid), base(request))
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
 
     @api.get("/v1/renders")
     async def list_renders(request: Request, limit: int = 100):
         authorize(request)
-        base = str(request.base_url).rstrip("/")
-        return {"renders": [public(r, base) for r in service(request).records.list(min(max(limit, 1), 1000))]}
+        svc = service(request)
+        return {"renders": [public(r, base(request)) for r in await svc.db(svc.records.list, min(max(limit, 1), 1000))]}
 
     @api.get("/v1/renders/{rid}")
     async def get_render(request: Request, rid: str):
         authorize(request)
-        return public(record_or_404(request, rid), str(request.base_url).rstrip("/"))
+        return public(await record_or_404(request, rid), base(request))
 
     @api.get("/v1/renders/{rid}/events")
     async def events(request: Request, rid: str):
         """Server-Sent Events: plan, section_started, step, section_finished, section_decoded,
-        then finished, failed or cancelled. Reconnect with Last-Event-ID to resume."""
+        then finished, failed or cancelled, and the stream ends. Comments (`: heartbeat`) keep
+        idle streams alive. Reconnect with Last-Event-ID to resume."""
         authorize(request)
-        record_or_404(request, rid)
-        last = request.headers.get("last-event-id", "")
-        start = int(last) + 1 if last.isdigit() else 0
+        await record_or_404(request, rid)
+        svc = service(request)
+        last = request.headers.get("last-event-id", "").strip()
+        after = int(last) if last.isdigit() and len(last) < 19 else -1
+        try:
+            release = svc.open_stream(rid)
+        except Busy as e:
+            svc.metrics.rejected.labels("streams").inc()
+            raise busy(e) from None
 
         async def stream():
-            async for seq, event in service(request).events(rid, start):
-                yield sse(seq, event)
+            try:
+                async for item in svc.events(rid, after):
+                    yield ": heartbeat\n\n" if item is None else sse(*item)
+            finally:
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        body = stream()
+        weakref.finalize(body, release)  # a client gone before the stream started still frees its slot
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.get("/v1/renders/{rid}/sections/{position}.mp4")
     async def section_preview(request: Request, rid: str, position: int):
         authorize(request)
-        record_or_404(request, rid)
+        await record_or_404(request, rid)
         path = service(request).preview_path(rid, position)
-        if not path.is_file():
+        if not 0 <= position < 100_000 or not path.is_file():
             raise HTTPException(404, f"section {position} of {rid} is not decoded yet")
         return FileResponse(path, media_type="video/mp4")
 
     @api.get("/v1/renders/{rid}/video.mp4")
     async def video(request: Request, rid: str):
         authorize(request)
-        record = record_or_404(request, rid)
+        record = await record_or_404(request, rid)
         path = service(request).video_path(rid)
         if record["status"] != "finished" or not path.is_file():
             raise HTTPException(404, f"render {rid} is {record['status']}; the video exists once it is finished")
         return FileResponse(path, media_type="video/mp4", filename=f"{rid}.mp4")
 
     @api.delete("/v1/renders/{rid}")
-    async def cancel(request: Request, rid: str):
+    async def cancel_or_delete(request: Request, rid: str):
+        """A queued or running render is cancelled (and its record kept); an ended one is
+        deleted with its files."""
         authorize(request)
-        record = record_or_404(request, rid)
-        if not await service(request).cancel(rid):
-            raise HTTPException(409, f"render {rid} is {record['status']}; only queued or running renders can be cancelled")
-        return public(record_or_404(request, rid), str(request.base_url).rstrip("/"))
+        record = await record_or_404(request, rid)
+        svc = service(request)
+        if await svc.cancel(rid):
+            return public(await record_or_404(request, rid), base(request))
+        if await svc.delete(rid):
+            return {"id": rid, "status": record["status"], "deleted": True}
+        raise HTTPException(409, f"render {rid} changed state; retry")
 
     return api
-

@@ -10,6 +10,8 @@ over the deployments' handles: the same path as a local or batch render.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
 from typing import AsyncIterator, Mapping
 
@@ -23,9 +25,12 @@ from fp_ray.coordinator import WorkerLost
 from fp_ray.encode import Conditioning, Encoded
 from fp_ray.request import RenderRequest
 from fp_ray.schedule import Plan
-from fp_ray.workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
+from fp_ray.storage import SectionStore
+from fp_ray.workers import Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
 from serving.api import bind_service, make_api
-from serving.service import RenderService
+from serving.service import CANCELLED_TOKEN, RenderService, ServiceConfig, owner_location, read_owner
+
+log = logging.getLogger(__name__)
 
 
 # Default CPU asks are small so the whole app fits a 2-core machine; serving/config.yaml sets
@@ -45,8 +50,17 @@ class Generator:
         self.worker = GeneratorWorker(model, device, dtype)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
+        """The section's events. Between two steps the render's owner token is read again: once
+        it changed (a cancel, or another ingress took the render over) the section stops there,
+        before its checkpoint, even if the caller's cancellation never reached this replica."""
+        token = owner_location(SectionStore(job.store), job.request_id) if job.store else None
+        owner = await asyncio.to_thread(read_owner, token) if token else None
+        if token and owner in (None, CANCELLED_TOKEN):  # the render was cancelled (and its files removed)
+            raise Cancelled(f"render {job.request_id}: section {job.position} not started, the render was cancelled")
         async for event in iterate_in_thread(self.worker.generate(job)):
             yield event
+            if token and await asyncio.to_thread(read_owner, token) != owner:
+                raise Cancelled(f"render {job.request_id}: section {job.position} stopped, its owner changed")
 
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})
@@ -69,14 +83,28 @@ class ServePools:
         return await self.encoder.encode.remote(request, images)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
+        stream = self.generator.options(stream=True).generate.remote(job)
         try:
-            async for event in self.generator.options(stream=True).generate.remote(job):
+            async for event in stream:
                 yield event
         except LOST as e:
-            raise WorkerLost(f"generator replica lost during section {job.position}: {type(e).__name__}") from e
+            log.warning("generator replica lost during section %s of %s: %r", job.position, job.request_id, e)
+            raise WorkerLost(f"generator replica lost during section {job.position}") from e
+        except asyncio.CancelledError:
+            stream.cancel()  # say so to the replica explicitly: its slot frees now, not after the section
+            raise
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        return await self.decoder.decode.remote(plan, position, cond, latents)
+    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor],
+                     attempts: int = 3) -> torch.Tensor:
+        """A lost decoder replica is retried like a lost generator: Serve restarts the replica
+        and the chunk's latents are still here."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.decoder.decode.remote(plan, position, cond, latents)
+            except LOST as e:
+                log.warning("decoder replica lost decoding section %s (attempt %d): %r", position, attempt, e)
+                if attempt == attempts:
+                    raise WorkerLost(f"decoder replica lost {attempts} times decoding section {position}") from e
 
     async def cancel(self, request_id: str) -> None:
         """Nothing to do: cancelling the render's task cancels its in-flight Serve requests."""
@@ -90,21 +118,49 @@ api = make_api()
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, generator: DeploymentHandle, decoder: DeploymentHandle,
                  model: str, storage: str, database: str | None = None, auth_token: str | None = None,
-                 max_upload_mb: float = 25.0):
+                 config: ServiceConfig = ServiceConfig(), tokens: dict[str, str] | None = None):
         token = auth_token or os.environ.get("FP_RAY_API_TOKEN") or None
+        tokens = tokens or parse_tokens(os.environ.get("FP_RAY_API_TOKENS", ""))
         pools = ServePools(encoder, generator, decoder)
-        self.service = RenderService(pools, model, storage, database, token, max_upload_mb)
+        self.service = RenderService(pools, model, storage, database, token, config, tokens)
         bind_service(self.service)
-        # Serve builds replicas inside their event loop: resume left-over renders right away
+        # Serve builds replicas inside their event loop: take over left-over renders right away
         # rather than at the first request.
-        asyncio.get_running_loop().call_soon(self.service.resume_unfinished)
+        asyncio.get_running_loop().call_soon(self.service.start)
+
+
+def parse_tokens(text: str) -> dict[str, str]:
+    """"name=token,name=token" (env FP_RAY_API_TOKENS) -> {name: token}."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise ValueError("FP_RAY_API_TOKENS: expected name=token[,name=token...]")
+    return {name.strip(): token.strip() for name, token in pairs}
+
+
+def service_config(args: dict) -> ServiceConfig:
+    """The ServiceConfig fields found in `args`, coerced (`serve run ... key=value` gives strings)."""
+    values = {}
+    for f in dataclasses.fields(ServiceConfig):
+        if f.name not in args or args[f.name] is None:
+            continue
+        value, default = args[f.name], f.default
+        if f.name == "url_allow":
+            value = tuple(value.replace(",", " ").split()) if isinstance(value, str) else tuple(value)
+        elif default is None:
+            value = float(value)
+        elif isinstance(default, (int, float, str)):
+            value = type(default)(value)
+        values[f.name] = value
+    return ServiceConfig(**values)
 
 
 def build_app(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` builder. args: model (default: the tiny checkpoint),
-    storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite;
-    default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), device, dtype,
-    max_upload_mb."""
+    storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite file;
+    default STORAGE/renders.db) or database_url (postgresql://...: for several ingress replicas),
+    auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token},
+    or env FP_RAY_API_TOKENS="name=token,..."), device, dtype, and any ServiceConfig field
+    (max_upload_mb, max_queued, url_allow, retention_days, ...)."""
     model = args.get("model", str(TINY_CHECKPOINT))
     device, dtype = args.get("device"), args.get("dtype")
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
@@ -114,7 +170,8 @@ def build_app(args: dict) -> serve.Application:
         Decoder.bind(model, device),
         model,
         storage,
-        args.get("database"),
+        args.get("database_url") or args.get("database"),
         args.get("auth_token"),
-        float(args.get("max_upload_mb", 25.0)),
+        service_config(args),
+        args.get("tokens"),
     )

@@ -1,64 +1,129 @@
-"""The online render service: records in SQLite, artifacts in the storage folder, one
-coordinator task per render, live progress events for Server-Sent Events, Prometheus
-metrics. Knows nothing of HTTP (serving/api.py) or of Serve (serving/app.py)."""
+"""The online render service: records (fp_ray.records), artifacts in the storage folder, one
+coordinator task per render this replica owns, live progress events for Server-Sent Events,
+admission limits, retention, Prometheus metrics. Knows nothing of HTTP (serving/api.py) or of
+Serve (serving/app.py).
+
+Ownership: a replica claims a render in the database with a lease it renews, and writes a
+fresh owner token next to the render's checkpoints. The generator replica stops a section as
+soon as that token changes (a cancel, or another replica taking over an orphan), so a section
+never runs twice at once and a cancelled one writes no checkpoint.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import bisect
+import logging
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from fp_ray.coordinator import Pools, RenderFailed, WorkerLost, run_render
+from fp_ray.encode import ImageError
+from fp_ray.records import TERMINAL, UNFINISHED, RenderRecords
+from fp_ray.request import RenderRequest, RequestError
+from fp_ray.storage import SectionStore, join, read_bytes, write_bytes
+from serving.fetch import FetchPolicy
+from serving.metrics import Metrics
+from serving.retention import Retention
 
-from fp_ray.coordinator import Pools, run_render
-from fp_ray.records import UNFINISHED, RenderRecords
-from fp_ray.request import RenderRequest
-from fp_ray.storage import SectionStore
-
-TERMINAL_EVENTS = ("finished", "failed", "cancelled")
+log = logging.getLogger(__name__)
+CANCELLED_TOKEN = "cancelled"
 
 
-class Metrics:
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.submitted = Counter("fp_ray_renders_submitted", "Renders accepted", registry=r)
-        self.finished = Counter("fp_ray_renders_finished", "Renders that wrote their video", registry=r)
-        self.failed = Counter("fp_ray_renders_failed", "Renders that failed", registry=r)
-        self.cancelled = Counter("fp_ray_renders_cancelled", "Renders cancelled by a user", registry=r)
-        self.queue_depth = Gauge("fp_ray_render_queue_depth", "Renders queued or running", registry=r)
-        self.section_seconds = Histogram("fp_ray_section_seconds", "Seconds to generate one section", registry=r,
-                                         buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300))
-        self.steps = Counter("fp_ray_steps", "Sampler steps run (rate() gives steps/s)", registry=r)
-        self.steps_per_second = Gauge("fp_ray_steps_per_second", "Steps/s of the last finished section", registry=r)
-        self.video_seconds = Counter("fp_ray_video_seconds", "Seconds of video produced", registry=r)
-        self.decode_seconds = Histogram("fp_ray_decode_seconds", "Seconds from asking for a chunk's decode to having it (queueing included)", registry=r,
-                                        buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60))
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and timings of one ingress replica (serving/config.yaml `args`)."""
+
+    max_upload_mb: float = 25.0
+    max_queued: int = 200  # unfinished renders in the whole service: 429 past it
+    max_per_client: int = 50  # unfinished renders per named token
+    retry_after_s: int = 30
+    max_streams: int = 800  # SSE streams on this replica (below the ingress's max_ongoing_requests)
+    max_streams_per_render: int = 20
+    heartbeat_s: float = 15.0
+    lease_s: float = 30.0  # an orphan's render is taken over this long after its owner died
+    retention_days: float | None = 30.0
+    retention_gb: float | None = None
+    public_url: str = ""  # links in responses: relative unless set (never the client's Host header)
+    url_timeout_s: float = 10.0  # image_url: the whole fetch, redirects included
+    url_allow: tuple[str, ...] = ()  # image_url: non-public networks this deployment trusts (CIDR)
+
+
+class Busy(RuntimeError):
+    """The service is at an admission limit; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InputsGone(RuntimeError):
+    """A render's stored input images vanished before it could (re)start."""
+
+
+def owner_location(store: SectionStore, rid: str) -> str:
+    """Where the owner token of a render lives: beside its checkpoints, which every generator reads."""
+    return join(store.root, rid, "owner")
+
+
+def read_owner(location: str) -> str | None:
+    try:
+        return read_bytes(location).decode()
+    except FileNotFoundError:
+        return None
+
+
+def user_error(error: BaseException) -> str:
+    """What failed, in terms a user can act on; the details (pids, addresses, actor ids) go to the log."""
+    if isinstance(error, (ImageError, RequestError, InputsGone)):
+        return str(error)[:300]
+    if isinstance(error, (RenderFailed, WorkerLost)):
+        return "workers were lost while rendering and the retries ran out; submit the render again"
+    return "internal error while rendering; the server log has the details under this render's id"
 
 
 class Render:
-    """A live render: its task and the events seen so far (listeners wait on `changed`)."""
+    """A render this replica runs: its task and this run's events (listeners wait on `wake`)."""
 
-    def __init__(self, rid: str, steps: int):
-        self.id, self.steps = rid, steps
+    def __init__(self, rid: str, steps: int, owner: str, next_seq: int):
+        self.id, self.steps, self.owner = rid, steps, owner
         self.sections_done = 0
-        self.events: list[dict] = []
-        self.changed = asyncio.Condition()
+        self.first_seq = self.next_seq = next_seq
+        self.events: list[tuple[int, dict]] = []
+        self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.cancelled_by_user = False
+        self.running = False  # the record says running
+        self.last_eta_write = 0.0
 
 
 class RenderService:
     def __init__(self, pools: Pools, model: str, storage: str, database: str | None = None,
-                 auth_token: str | None = None, max_upload_mb: float = 25.0):
-        self.pools, self.model = pools, model
+                 auth_token: str | None = None, config: ServiceConfig = ServiceConfig(),
+                 tokens: dict[str, str] | None = None):
+        self.pools, self.model, self.config = pools, model, config
         self.storage = Path(storage)
         self.records = RenderRecords(database or self.storage / "renders.db")
         self.store = SectionStore(self.storage / "sections")
-        self.auth_token = auth_token
-        self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
+        # named tokens: the name goes to the logs, the metrics and the per-client limit
+        self.tokens = dict(tokens or {})
+        if auth_token:
+            self.tokens.setdefault("default", auth_token)
+        self.max_upload_bytes = int(config.max_upload_mb * 1024 * 1024)
+        self.fetch = FetchPolicy(max_bytes=self.max_upload_bytes, timeout_s=config.url_timeout_s,
+                                 allow=FetchPolicy.parse_allow(list(config.url_allow)))
         self.metrics = Metrics()
+        self.retention = Retention(self, config.retention_days, config.retention_gb)
+        self.replica = uuid.uuid4().hex[:8]
         self.live: dict[str, Render] = {}
-        self._resumed = False
+        self.streams: dict[str, int] = {}
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")  # FIFO: writes keep their order
+        self._pending: set[asyncio.Task] = set()
+        self._maintainer: asyncio.Task | None = None
 
     # ---- artifacts: every path comes from the server-made id, never from user strings ----
 
@@ -74,148 +139,263 @@ class RenderService:
     def image_path(self, rid: str, name: str) -> Path:
         return self.folder(rid) / "input" / name
 
+    # ---- records, off the event loop ------------------------------------------------------
+
+    async def db(self, fn: Callable, *args, **kwargs):
+        """Run a records call on the records thread (SQLite on NFS can take a while)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: fn(*args, **kwargs))
+
+    def db_later(self, fn: Callable, *args, **kwargs) -> None:
+        task = asyncio.get_running_loop().create_task(self.db(fn, *args, **kwargs))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def resume_unfinished(self) -> None:
-        """Once per process: restart every render a previous process left unfinished; its
-        finished sections come back from the checkpoints."""
-        if self._resumed:
-            return
-        self._resumed = True
-        for record in self.records.unfinished():
-            if record["id"] not in self.live:
-                self._start(record["id"], RenderRequest(**record["request"]), resumed=True)
+    def start(self) -> None:
+        """Once per replica (needs the running loop): keep leases, take over orphans, retention."""
+        if self._maintainer is None:
+            self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
 
-    def submit(self, request: RenderRequest, image: bytes, end_image: bytes | None) -> str:
-        """Store the inputs, record the render and start it; returns its id at once."""
+    async def _maintain(self) -> None:
+        next_sweep = 0.0
+        while True:
+            try:
+                await self.keep_leases()
+                await self.take_orphans()
+                if time.monotonic() >= next_sweep:
+                    await self.retention.sweep()
+                    next_sweep = time.monotonic() + 300
+            except Exception:  # a bad round must not stop the next one
+                log.exception("render service maintenance failed")
+            await asyncio.sleep(self.config.lease_s / 3)
+
+    async def keep_leases(self) -> None:
+        renders = list(self.live.values())
+        held = await self.db(self.records.renew, [r.owner for r in renders], self.config.lease_s)
+        for render in renders:
+            if render.owner not in held:
+                log.warning("render %s is no longer owned by replica %s; stopping its run", render.id, self.replica)
+                if render.task is not None:
+                    render.task.cancel()
+
+    async def take_orphans(self) -> None:
+        """Start every unfinished render nobody holds (left by a replica that died)."""
+        for record in await self.db(self.records.orphans):
+            rid = record["id"]
+            owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
+            if rid not in self.live and await self.db(self.records.claim, rid, owner, self.config.lease_s):
+                log.info("replica %s takes over render %s", self.replica, rid)
+                await self._start(rid, RenderRequest(**record["request"]), owner)
+
+    async def submit(self, request: RenderRequest, image: bytes, end_image: bytes | None, client: str | None = None) -> str:
+        """Admit, store the inputs, record the render and start it; returns its id at once."""
+        cap = self.config
+        if await self.db(self.records.count_unfinished) >= cap.max_queued:
+            raise Busy(f"{cap.max_queued} renders are queued or running; retry later", cap.retry_after_s)
+        if client is not None and await self.db(self.records.count_unfinished, client) >= cap.max_per_client:
+            raise Busy(f"token {client!r} has {cap.max_per_client} renders queued or running; retry later", cap.retry_after_s)
         rid = uuid.uuid4().hex[:16]
-        self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)
-        self.image_path(rid, "start").write_bytes(image)
         fields = {"image": str(self.image_path(rid, "start")), "model": self.model}
         if end_image is not None:
-            self.image_path(rid, "end").write_bytes(end_image)
             fields["end_image"] = str(self.image_path(rid, "end"))
+        await asyncio.to_thread(self._store_inputs, rid, image, end_image)
         request = request.model_copy(update=fields)
-        self.records.create(rid, request.model_dump())
-        self.metrics.submitted.inc()
-        self._start(rid, request)
+        owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
+        await self.db(self.records.create, rid, request.model_dump(), client)
+        await self.db(self.records.claim, rid, owner, self.config.lease_s)
+        self.metrics.submitted.labels(client or "").inc()
+        await self._start(rid, request, owner)
         return rid
 
-    def _start(self, rid: str, request: RenderRequest, resumed: bool = False) -> None:
-        render = self.live[rid] = Render(rid, request.steps)
-        render.events = [e for _, e in self.records.events(rid)] if resumed else []
+    def _store_inputs(self, rid: str, image: bytes, end_image: bytes | None) -> None:
+        self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)
+        self.image_path(rid, "start").write_bytes(image)
+        if end_image is not None:
+            self.image_path(rid, "end").write_bytes(end_image)
+
+    async def _start(self, rid: str, request: RenderRequest, owner: str) -> None:
+        # the new owner's token stops any section an earlier owner still has in flight
+        await asyncio.to_thread(write_bytes, owner_location(self.store, rid), owner.encode())
+        render = self.live[rid] = Render(rid, request.steps, owner, await self.db(self.records.last_seq, rid) + 1)
         self.metrics.queue_depth.inc()
         render.task = asyncio.get_running_loop().create_task(self._run(render, request))
 
-    async def _run(self, render: Render, request: RenderRequest) -> None:
-        rid = render.id
-        images = (self.image_path(rid, "start").read_bytes(),
-                  self.image_path(rid, "end").read_bytes() if request.end_image else None)
+    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes, bytes | None]:
         try:
+            return (self.image_path(rid, "start").read_bytes(),
+                    self.image_path(rid, "end").read_bytes() if request.end_image else None)
+        except FileNotFoundError:
+            raise InputsGone(f"render {rid}: its input images are gone from storage; delete it and submit again") from None
+
+    async def _run(self, render: Render, request: RenderRequest) -> None:
+        rid, owner = render.id, render.owner
+        ended = False  # this run wrote the render's end (not: it lost the render, or the replica stops)
+        try:
+            images = await asyncio.to_thread(self._read_inputs, rid, request)
             result = await run_render(request, self.pools, out=self.video_path(rid), store=self.store, request_id=rid,
                                       on_event=lambda e: self._on_event(render, e), images=images,
                                       preview_dir=self.folder(rid) / "previews")
         except asyncio.CancelledError:
-            self.records.update(rid, status="cancelled", eta_s=None)
-            self.metrics.cancelled.inc()
-            await self._publish(render, {"type": "cancelled"})
+            if render.cancelled_by_user:  # cancel() already wrote the record
+                self.metrics.cancelled.inc()
+                self._publish(render, {"type": "cancelled"})
             raise
-        except Exception as e:  # any failure ends this render only; the user sees why
-            self.records.update(rid, status="failed", error=f"{type(e).__name__}: {e}", eta_s=None)
-            self.metrics.failed.inc()
-            await self._publish(render, {"type": "failed", "error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # any failure ends this render only; the user sees what, the log sees why
+            log.exception("render %s failed", rid)
+            if ended := await self.db(self.records.update, rid, owner, status="failed", error=user_error(e), eta_s=None):
+                self.metrics.failed.inc()
+                self._publish(render, {"type": "failed", "error": user_error(e)})
         else:
-            self.records.update(rid, status="finished", frames=len(result.frames), eta_s=0.0)
-            self.metrics.finished.inc()
-            self.metrics.video_seconds.inc(len(result.frames) / request.fps)
+            if ended := await self.db(self.records.update, rid, owner, status="finished", frames=len(result.frames), eta_s=0.0):
+                self.metrics.finished.inc()
+                self.metrics.video_seconds.inc(len(result.frames) / request.fps)
+                self._publish(render, {"type": "finished", "frames": len(result.frames)})
         finally:
             self.metrics.queue_depth.dec()
             self.live.pop(rid, None)
+            if ended:  # a cancel cleans up in cancel()
+                await self.retention.drop_work_files(rid)
 
     def _on_event(self, render: Render, event: dict) -> None:
-        rid, kind = render.id, event["type"]
+        rid, kind, owner = render.id, event["type"], render.owner
+        if kind == "finished":
+            return  # published by _run once the record says so
         if kind == "plan":
             render.sections_done = len(event["reused"])
-            self.records.update(rid, status="queued", sections_total=event["sections"], sections_done=render.sections_done)
-        elif kind == "section_started":
-            self.records.update(rid, status="running")
+            self.db_later(self.records.update, rid, owner, status="queued", sections_total=event["sections"],
+                          sections_done=render.sections_done)
+        elif kind == "section_started" and not render.running:
+            render.running = True
+            self.db_later(self.records.update, rid, owner, status="running")
         elif kind == "step":
             self.metrics.steps.inc()
-            if event.get("eta_s") is not None:
-                self.records.update(rid, eta_s=event["eta_s"])
+            now = time.monotonic()
+            if event.get("eta_s") is not None and now - render.last_eta_write > 2:  # not one write per step
+                render.last_eta_write = now
+                self.db_later(self.records.update, rid, owner, eta_s=event["eta_s"])
         elif kind == "section_finished":
             render.sections_done += 1
-            self.records.update(rid, sections_done=render.sections_done)
+            self.db_later(self.records.update, rid, owner, sections_done=render.sections_done)
             self.metrics.section_seconds.observe(event["seconds"])
             if event["seconds"] > 0:
                 self.metrics.steps_per_second.set(render.steps / event["seconds"])
         elif kind == "section_decoded":
             self.metrics.decode_seconds.observe(event["seconds"])
-        event = {k: v for k, v in event.items() if k != "path"}  # server paths stay inside
-        asyncio.get_running_loop().create_task(self._publish(render, event))
+        elif kind == "section_retry":
+            log.warning("render %s: section %s retried: %s", rid, event["position"], event.get("error"))
+            event = {k: v for k, v in event.items() if k != "error"}
+        self._publish(render, {k: v for k, v in event.items() if k != "path"})  # server paths stay inside
 
-    async def _publish(self, render: Render, event: dict) -> None:
-        async with render.changed:
-            seq = len(render.events)
-            render.events.append(event)
-            if event["type"] != "step":
-                self.records.add_event(render.id, seq, event)
-            render.changed.notify_all()
+    def _publish(self, render: Render, event: dict) -> None:
+        seq = render.next_seq
+        render.next_seq += 1
+        render.events.append((seq, event))
+        if event["type"] != "step":  # steps are live only
+            self.db_later(self.records.add_event, render.id, seq, event)
+        render.wake.set()
+        render.wake = asyncio.Event()
 
     async def cancel(self, rid: str) -> bool:
-        """Cancel a queued or running render: its coordinator task is cancelled, which
-        cancels its in-flight section requests; a generator stops after its current step."""
-        render = self.live.get(rid)
-        if render is None or render.task is None or render.task.done():
+        """Cancel a queued or running render, wherever it runs: the record says cancelled at once,
+        the owner token is revoked (the generator stops at its next step and saves nothing), and
+        if this replica runs it, its coordinator task is cancelled (freeing its Serve requests)."""
+        record = await self.db(self.records.get, rid)
+        if record is None or record["status"] not in UNFINISHED:
             return False
-        render.task.cancel()
-        try:
-            await render.task
-        except asyncio.CancelledError:
-            pass
+        await self.db(self.records.update, rid, status="cancelled", eta_s=None, owner=None)
+        await asyncio.to_thread(write_bytes, owner_location(self.store, rid), CANCELLED_TOKEN.encode())
+        render = self.live.get(rid)
+        if render is not None and render.task is not None and not render.task.done():
+            render.cancelled_by_user = True
+            render.task.cancel()
+            try:
+                await render.task
+            except asyncio.CancelledError:
+                pass
+        else:  # another replica runs it: it sees the lost lease; the event goes through the database
+            self.metrics.cancelled.inc()
+            await self.db(self.records.add_event, rid, await self.db(self.records.last_seq, rid) + 1, {"type": "cancelled"})
+        await self.retention.drop_work_files(rid)
         return True
 
-    async def events(self, rid: str, start: int = 0):
-        """Yield (seq, event) from `start`, live until the render ends."""
-        render = self.live.get(rid)
-        if render is None:  # ended (or from an earlier process): what the database kept
-            for seq, event in self.records.events(rid):
-                if seq >= start:
-                    yield seq, event
-            return
-        seq = start
+    async def delete(self, rid: str) -> bool:
+        """Remove an ended render: its files and its record. False while it is unfinished."""
+        record = await self.db(self.records.get, rid)
+        if record is None or record["status"] not in TERMINAL:
+            return False
+        await self.retention.remove(rid)
+        return True
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def open_stream(self, rid: str) -> Callable[[], None]:
+        """Count one more SSE stream of `rid` (Busy past the caps); returns its release, which
+        may be called more than once."""
+        if sum(self.streams.values()) >= self.config.max_streams:
+            raise Busy(f"{self.config.max_streams} event streams are open; retry later", 5)
+        if self.streams.get(rid, 0) >= self.config.max_streams_per_render:
+            raise Busy(f"{self.config.max_streams_per_render} event streams are open for this render", 5)
+        self.streams[rid] = self.streams.get(rid, 0) + 1
+        self.metrics.streams.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.streams[rid] -= 1
+                if not self.streams[rid]:
+                    del self.streams[rid]
+                self.metrics.streams.dec()
+
+        return release
+
+    async def events(self, rid: str, after: int = -1) -> AsyncIterator[tuple[int, dict] | None]:
+        """Yield (seq, event) after event id `after` until the render's terminal event, and None
+        as a heartbeat when nothing happened for `heartbeat_s`. Ids increase across resumes.
+        Past the end of a live render: from its next event; of an ended one: its terminal
+        event again, then the end."""
+        sent, quiet_since = False, time.monotonic()
         while True:
-            async with render.changed:
-                while seq >= len(render.events):
-                    await render.changed.wait()
-                batch = render.events[seq:]
-            for event in batch:
-                yield seq, event
-                seq += 1
-                if event["type"] in TERMINAL_EVENTS:
+            render = self.live.get(rid)
+            if render is None:  # ended, or run by another replica: follow the database
+                for seq, event in await self.db(self.records.events, rid, after):
+                    yield seq, event
+                    sent, after, quiet_since = True, seq, time.monotonic()
+                    if event["type"] in TERMINAL:
+                        return
+                record = await self.db(self.records.get, rid)
+                if record is None:
                     return
-
-
-def sse(seq: int, event: dict) -> str:
-    return f"id: {seq}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
-
-def public(record: dict, base: str) -> dict:
-    """A record as the API shows it: no server paths."""
-    request = {k: v for k, v in record["request"].items() if k not in ("image", "end_image", "model")}
-    rid = record["id"]
-    links = {"self": f"{base}/v1/renders/{rid}", "events": f"{base}/v1/renders/{rid}/events"}
-    if record["status"] == "finished":
-        links["video"] = f"{base}/v1/renders/{rid}/video.mp4"
-    return {
-        "id": rid, "status": record["status"], "sections_done": record["sections_done"],
-        "sections_total": record["sections_total"], "eta_s": record["eta_s"], "error": record["error"],
-        "frames": record["frames"], "created": record["created"], "updated": record["updated"],
-        "request": request, "links": links,
-    }
-
-
-def is_unfinished(record: dict) -> bool:
-    return record["status"] in UNFINISHED
-
-
+                if record["status"] in TERMINAL:
+                    if not sent:
+                        ending = [(s, e) for s, e in await self.db(self.records.events, rid) if e["type"] in TERMINAL]
+                        if ending:
+                            yield ending[-1]
+                    return
+                await asyncio.sleep(min(1.0, self.config.heartbeat_s))
+                if time.monotonic() - quiet_since >= self.config.heartbeat_s:
+                    quiet_since = time.monotonic()
+                    yield None
+                continue
+            after = min(after, render.next_seq - 1)
+            if after < render.first_seq - 1:  # earlier runs' events live in the database only
+                for seq, event in await self.db(self.records.events, rid, after):
+                    if seq >= render.first_seq:
+                        break
+                    yield seq, event
+                after = render.first_seq - 1
+                continue
+            wake = render.wake
+            fresh = render.events[bisect.bisect_right(render.events, after, key=lambda item: item[0]):]
+            for seq, event in fresh:
+                yield seq, event
+                sent, after = True, seq
+                if event["type"] in TERMINAL:
+                    return
+            if not fresh and rid in self.live:
+                try:
+                    await asyncio.wait_for(wake.wait(), self.config.heartbeat_s)
+                except TimeoutError:
+                    yield None

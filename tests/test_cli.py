@@ -111,3 +111,9 @@ def test_render_is_quiet_by_default(tmp_path):
     assert "Loading weights" not in quiet.stderr and "[transformers]" not in quiet.stderr and "Warning" not in quiet.stderr
     loud = subprocess.run([*base, "-v", *args, "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=300)
     assert loud.returncode == 0 and "Loading weights" in loud.stderr
+
+
+def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_path, capsys):
+    assert main(["serve", "--token-file", str(tmp_path / "missing"), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1

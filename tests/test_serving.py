@@ -7,12 +7,17 @@ import io
 import json
 import os
 import shutil
+import socket
+import struct
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import av
 import httpx
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -25,8 +30,13 @@ from conftest import free_port
 SMALL = {"prompt": "a lake at dawn", "size": "64x48", "steps": "4"}
 
 
+# loopback is allowed for image_url so the tests' local servers can be fetched; short leases so
+# a restarted ingress takes over its renders quickly
+CONFIG = {"url_allow": "127.0.0.1/32", "url_timeout_s": 2, "lease_s": 3, "max_streams_per_render": 4, "heartbeat_s": 1}
+
+
 def deploy(storage):
-    serve.run(build_app({"model": str(TINY_CHECKPOINT), "storage": str(storage)}), name="fp-ray", route_prefix="/")
+    serve.run(build_app({"model": str(TINY_CHECKPOINT), "storage": str(storage), **CONFIG}), name="fp-ray", route_prefix="/")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +69,12 @@ def events(client, rid):
                 if out[-1]["type"] in ("finished", "failed", "cancelled"):
                     break
     return out
+
+
+def event_ids(client, rid, last: str | None = None) -> list[int]:
+    headers = {"Last-Event-ID": last} if last is not None else {}
+    with client.stream("GET", f"/v1/renders/{rid}/events", headers=headers) as r:
+        return [int(line[4:]) for line in r.iter_lines() if line.startswith("id: ")]
 
 
 def wait_until(client, rid, states, timeout=120):
@@ -118,7 +134,7 @@ def steps_total(client) -> float:
 
 
 def test_cancel_stops_the_work(app):
-    client, _ = app
+    client, storage = app
     rid = submit(client, seconds="12", steps="30")  # 10 sections
     with client.stream("GET", f"/v1/renders/{rid}/events") as r:
         for line in r.iter_lines():
@@ -132,8 +148,13 @@ def test_cancel_stops_the_work(app):
     wait_until(client, other, {"finished"})
     # only the new render's 3 steps ran (plus at most the one step in flight at cancel time)
     assert steps_total(client) - before <= 4
+    # the section in flight stopped on the generator replica: had it run on, it would have saved
+    # its checkpoint (after cancel removed the render's folder) before the other render got the slot
+    assert not (storage / "sections" / rid).exists()
     assert client.get(f"/v1/renders/{rid}").json()["sections_done"] < 10
-    assert client.delete(f"/v1/renders/{rid}").status_code == 409
+    gone = client.delete(f"/v1/renders/{rid}")  # an ended render: DELETE removes it
+    assert gone.status_code == 200 and gone.json()["deleted"]
+    assert client.get(f"/v1/renders/{rid}").status_code == 404
 
 
 @pytest.mark.parametrize("data,files,status,reason", [
@@ -160,7 +181,7 @@ def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
 def test_other_bad_requests(app):
     client, _ = app
     assert client.post("/v1/renders", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
-    r = client.post("/v1/renders", json={**SMALL, "image_url": "/etc/passwd"})
+    r = client.post("/v1/renders", json={**SMALL, "image_url": "file:///etc/passwd"})
     assert r.status_code == 422 and "http(s) URL" in r.json()["detail"]
     big = client.post("/v1/renders", content=b"0" * (26 * 1024 * 1024), headers={"content-type": "application/json"})
     assert big.status_code == 413
@@ -195,6 +216,8 @@ def test_restart_keeps_records_and_resumes_unfinished_renders(app):
     assert record["sections_done"] == 5
     plans = [e for e in events(client, unfinished) if e["type"] == "plan"]
     assert len(plans) == 2 and len(plans[1]["reused"]) >= 2  # the resumed run reused the checkpoints
+    ids = event_ids(client, unfinished)
+    assert ids == sorted(set(ids))  # unique and increasing across the resume
 
 
 def test_web_page_renders_and_plays_the_video_in_chromium(app):
@@ -222,6 +245,14 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
         assert "finished" in page.text_content("#status")
         assert page.get_attribute("#download", "href").startswith("blob:")
         page.screenshot(path=str(Path(os.environ.get("FP_RAY_SCREENSHOTS", "/tmp")) / "fp-ray-web.png"))
+        # a render cancelled elsewhere shows as cancelled
+        page.fill("#seconds", "30")
+        page.click("#submit")
+        page.wait_for_function("() => /sections/.test(document.getElementById('status').textContent)", timeout=60_000)
+        rid = page.text_content("#status").split()[1].rstrip(":")
+        assert client.delete(f"/v1/renders/{rid}").json()["status"] == "cancelled"
+        page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': cancelled')", timeout=30_000)
+        assert page.text_content("#error") == ""
         browser.close()
 
 
@@ -257,3 +288,131 @@ def test_bearer_token_is_required_when_configured(tmp_path, components):
         assert client.get("/v1/renders", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/renders", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/healthz").status_code == 200  # probes need no token
+
+
+@pytest.fixture()
+def hostile_server():
+    """A loopback server that accepts and never answers, and one that promises 1000 bytes and sends 10."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    short = socket.socket()
+    short.bind(("127.0.0.1", 0))
+    short.listen(16)
+
+    def cut_short():
+        while True:
+            try:
+                conn, _ = short.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n\x89PNG\r\n\x1a\n\x00\x00")
+            conn.close()
+
+    threading.Thread(target=cut_short, daemon=True).start()
+    yield f"http://127.0.0.1:{silent.getsockname()[1]}/a.png", f"http://127.0.0.1:{short.getsockname()[1]}/a.png"
+    silent.close()
+    short.close()
+
+
+def healthz_latencies(client, until) -> list[float]:
+    out = []
+    while not until():
+        t = time.monotonic()
+        assert client.get("/healthz", timeout=5).status_code == 200
+        out.append(time.monotonic() - t)
+    return out
+
+
+def test_healthz_answers_while_a_url_hangs_and_while_a_render_finishes(app, hostile_server):
+    client, _ = app
+    silent, _ = hostile_server
+    result = {}
+
+    def post():
+        with httpx.Client(base_url=str(client.base_url), timeout=30) as c:
+            result["r"] = c.post("/v1/renders", json={**SMALL, "image_url": silent})
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    latencies = healthz_latencies(client, lambda: not poster.is_alive())
+    poster.join()
+    assert result["r"].status_code == 422 and result["r"].json()["detail"] == "image_url: could not fetch an image from that URL"
+    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies  # the fetch's 2 s deadline passed meanwhile
+    rid = submit(client, seconds="2.4")
+    latencies = healthz_latencies(client, lambda: client.get(f"/v1/renders/{rid}").json()["status"] == "finished")
+    assert latencies and max(latencies) < 1.0, latencies
+
+
+def test_image_urls_are_refused_uniformly(app, hostile_server):
+    client, _ = app
+    _, short = hostile_server
+    port = client.base_url.port
+    urls = [f"http://127.0.0.2:{port}/metrics", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.png",
+            f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port}/nothing-here", short]
+    details = set()
+    for url in urls:
+        r = client.post("/v1/renders", json={**SMALL, "image_url": url})
+        assert r.status_code == 422, (url, r.text)
+        details.add(r.json()["detail"])
+    assert details == {"image_url: could not fetch an image from that URL"}
+
+
+def bomb_png() -> bytes:
+    """A valid 1x1 PNG whose header claims 30000x30000 pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 30000, 30000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_malformed_bodies_get_short_4xx(app):
+    client, _ = app
+    nested = b'{"a": ' * 100_000 + b"1" + b"}" * 100_000
+    r = client.post("/v1/renders", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+    r = client.post("/v1/renders", data={**SMALL, "size": "6" * 5000 + "x48"},
+                    files={"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")})
+    assert r.status_code == 422 and len(r.json()["detail"]) < 400
+    r = client.post("/v1/renders", json={**SMALL, "steps": "9" * 5000, "image_url": "http://10.0.0.1/a.png"})
+    assert r.status_code == 422
+    r = client.post("/v1/renders", data={**SMALL, "steps": "9" * 5000}, files={"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")})
+    assert r.status_code == 422 and len(r.text) < 1000, r.text[:300]
+    r = client.post("/v1/renders", data={**SMALL}, files={"image": ("a.png", bomb_png(), "image/png")})
+    assert r.status_code == 422, r.text[:300]
+
+    def chunks():  # no Content-Length: the cap must hold while the body streams in
+        for _ in range(40):
+            yield b"0" * (1024 * 1024)
+
+    r = client.post("/v1/renders", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_event_streams_end_and_are_capped(app):
+    client, storage = app
+    done = submit(client)
+    wait_until(client, done, {"finished"})
+    ids = event_ids(client, done)
+    assert ids == sorted(set(ids))
+    past = event_ids(client, done, last=str(10**6))  # past the end: the terminal event again, then the end
+    assert past == [ids[-1]]
+    rid = submit(client, seconds="12", steps="30")
+    streams = [client.stream("GET", f"/v1/renders/{rid}/events") for _ in range(4)]
+    opened = [s.__enter__() for s in streams]
+    try:
+        assert all(r.status_code == 200 for r in opened)
+        extra = client.get(f"/v1/renders/{rid}/events")
+        assert extra.status_code == 429 and "Retry-After" in extra.headers
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    assert client.delete(f"/v1/renders/{rid}").json()["status"] == "cancelled"
+    # a finished render keeps its video only, and DELETE removes that too
+    assert not (storage / "renders" / done / "input").exists() and not (storage / "sections" / done).exists()
+    assert (storage / "renders" / done / "video.mp4").exists()
+    assert client.delete(f"/v1/renders/{done}").json()["deleted"]
+    assert not (storage / "renders" / done).exists() and client.get(f"/v1/renders/{done}").status_code == 404

@@ -1,0 +1,219 @@
+"""The render service and its API in one process (FastAPI test client over in-process
+workers): admission limits, named tokens, ownership between replicas, renders whose inputs
+vanished, heartbeats, retention."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+from fp_ray.records import RenderRecords
+from fp_ray.render import LocalPools
+from fp_ray.request import make_request
+from serving.api import bind_service, make_api
+from serving.service import RenderService, ServiceConfig
+
+SMALL = {"prompt": "a lake at dawn", "size": "64x48", "steps": "2", "seconds": "1.2"}
+
+
+def files():
+    return {"image": ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png")}
+
+
+@pytest.fixture()
+def pools(components):
+    return LocalPools.from_components(components)
+
+
+def api_client(pools, storage, **config) -> TestClient:
+    tokens = config.pop("tokens", None)
+    bind_service(RenderService(pools, str(TINY_CHECKPOINT), str(storage), config=ServiceConfig(**config), tokens=tokens))
+    return TestClient(make_api())
+
+
+def wait_status(client, rid, states, headers=None, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/renders/{rid}", headers=headers).json()
+        if record["status"] in states:
+            return record
+        time.sleep(0.05)  # polling a status endpoint, as a client does
+    raise AssertionError(f"{rid} still {record['status']}")
+
+
+def test_queue_cap_and_named_tokens(pools, tmp_path):
+    with api_client(pools, tmp_path, max_queued=0, tokens={"alice": "a-secret", "bob": "b-secret"}) as client:
+        assert client.get("/v1/renders", headers={"Authorization": "bearer a-secret"}).status_code == 200  # any case
+        assert client.get("/v1/renders", headers={"Authorization": "Bearer c-secret"}).status_code == 401
+        r = client.post("/v1/renders", data=SMALL, files=files(), headers={"Authorization": "Bearer b-secret"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and "retry" in r.json()["detail"]
+        assert 'fp_ray_requests_rejected_total{limit="renders"} 1.0' in client.get("/metrics").text
+
+
+def test_per_token_limit_and_relative_links(pools, tmp_path):
+    headers = {"Authorization": "Bearer a-secret"}
+    with api_client(pools, tmp_path, max_per_client=1, tokens={"alice": "a-secret"}) as client:
+        r = client.post("/v1/renders", data={**SMALL, "steps": "20", "seconds": "6"}, files=files(), headers=headers)
+        assert r.status_code == 202 and r.headers["Location"] == f"/v1/renders/{r.json()['id']}"
+        second = client.post("/v1/renders", data=SMALL, files=files(), headers=headers)
+        assert second.status_code == 429 and "'alice'" in second.json()["detail"]
+        assert client.delete(f"/v1/renders/{r.json()['id']}", headers=headers).json()["status"] == "cancelled"
+        assert client.post("/v1/renders", data=SMALL, files=files(), headers=headers).status_code == 202
+
+
+def test_a_render_whose_inputs_vanished_fails_clearly_and_can_be_deleted(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    request = {"prompt": "x", "image": str(tmp_path / "renders/abc/input/start.png"), "model": str(TINY_CHECKPOINT),
+               "width": 64, "height": 48, "steps": 2, "seconds": 1.2}
+    records.create("abc", request)  # left by an earlier process, its input since removed
+    with api_client(pools, tmp_path) as client:
+        record = wait_status(client, "abc", {"failed"})
+        assert "input images are gone" in record["error"]
+        assert client.delete("/v1/renders/abc").json()["deleted"]
+        assert client.get("/v1/renders/abc").status_code == 404
+
+
+def test_an_orphan_is_taken_over_only_once_its_lease_ran_out(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    start = tmp_path / "renders/orphan/input/start"  
+    start.parent.mkdir(parents=True)
+    start.write_bytes(SAMPLE_IMAGE.read_bytes())
+    records.create("orphan", {"prompt": "x", "image": str(start), "model": str(TINY_CHECKPOINT),
+                              "width": 64, "height": 48, "steps": 2, "seconds": 1.2})
+    assert records.claim("orphan", "dead-replica", lease_s=1.0)
+    assert not records.claim("orphan", "other", lease_s=1.0)  # held: nobody else may take it
+    with api_client(pools, tmp_path, lease_s=0.3) as client:
+        assert client.get("/v1/renders/orphan").json()["status"] == "queued"  # not before the lease ran out
+        record = wait_status(client, "orphan", {"finished"})
+        assert record["sections_done"] == record["sections_total"] == 1
+        assert not records.update("orphan", "dead-replica", status="failed")  # the old owner can no longer write
+
+
+def test_idle_streams_get_heartbeats(pools, tmp_path):
+    records = RenderRecords(tmp_path / "renders.db")
+    records.create("held", {"prompt": "x", "image": str(SAMPLE_IMAGE), "model": str(TINY_CHECKPOINT)})
+    assert records.claim("held", "another-replica", lease_s=600)  # runs elsewhere: nothing happens here
+    with api_client(pools, tmp_path, heartbeat_s=0.2) as client:
+        with client.stream("GET", "/v1/renders/held/events") as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line) == ": heartbeat"
+        records.update("held", status="cancelled")
+        records.add_event("held", 0, {"type": "cancelled"})
+        with client.stream("GET", "/v1/renders/held/events") as r:  # ends with the render
+            assert [line for line in r.iter_lines() if line.startswith("event:")] == ["event: cancelled"]
+
+
+def test_two_replicas_on_postgresql_one_takes_over_the_others_render(pools, tmp_path, postgres_url):
+    """Replica A starts a render and dies (its run stops, its lease is no longer renewed);
+    replica B, on the same database and storage, takes the render over and finishes it."""
+    import asyncio
+
+    config = ServiceConfig(lease_s=0.5)
+    RenderRecords(postgres_url)._change("DELETE FROM renders")
+    request = make_request(prompt="x", image="upload", width=64, height=48, steps=2, seconds=2.4)
+
+    async def scenario():
+        a = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
+        b = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
+        rid = await a.submit(request, SAMPLE_IMAGE.read_bytes(), None)
+        assert a.records.get(rid)["owner"].startswith(a.replica)
+        a.live[rid].task.cancel()  # A dies mid-render: nothing written, the lease runs out
+        await asyncio.gather(a.live[rid].task, return_exceptions=True) if rid in a.live else None
+        b.start()
+        deadline = time.monotonic() + 60
+        while (b.records.get(rid)["status"] != "finished" or rid in b.live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until B's run is over, its clean-up included
+        record = b.records.get(rid)
+        assert record["status"] == "finished" and record["owner"].startswith(b.replica)
+        assert b.video_path(rid).read_bytes()[4:8] == b"ftyp"
+        assert not a.records.update(rid, a.replica, status="failed")  # A's writes no longer land
+        b._maintainer.cancel()
+        return rid
+
+    rid = asyncio.run(scenario())
+    assert (tmp_path / "renders" / rid / "video.mp4").exists()
+    assert not (tmp_path / "renders" / rid / "input").exists()  # retention: inputs go once it finished
+
+
+def test_retention_removes_old_renders_then_the_oldest_while_over_the_size_cap(pools, tmp_path):
+    import asyncio
+
+    svc = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), config=ServiceConfig(retention_days=1, retention_gb=1 / 1024))
+    for rid, age_days, megabytes in (("old", 3, 0.1), ("big", 0.5, 2), ("new", 0, 0.1)):
+        svc.records.create(rid, {"prompt": "x"})
+        svc.records.update(rid, status="finished")
+        svc.records._change("UPDATE renders SET updated = ? WHERE id = ?", time.time() - age_days * 86400, rid)
+        svc.video_path(rid).parent.mkdir(parents=True)
+        svc.video_path(rid).write_bytes(b"\0" * int(megabytes * 2**20))
+    svc.records.create("running", {"prompt": "x"})  # unfinished renders are never removed
+    assert asyncio.run(svc.retention.sweep()) == 2
+    assert [r["id"] for r in svc.records.list()] == ["running", "new"]
+    assert not svc.folder("old").exists() and not svc.folder("big").exists() and svc.video_path("new").exists()
+    assert 0 < svc.metrics.storage_bytes._value.get() < 2**20
+
+
+class FlakyDecoder:
+    """A decoder handle whose first `failures` calls find the replica lost."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+        self.decode = self
+
+    async def remote(self, *args):
+        from ray.exceptions import ActorUnavailableError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ActorUnavailableError("replica lost", None)
+        return "chunk"
+
+
+def test_a_lost_decoder_replica_is_retried_then_reported_as_lost():
+    import asyncio
+
+    from fp_ray.coordinator import WorkerLost
+    from serving.app import ServePools
+
+    decoder = FlakyDecoder(failures=2)
+    assert asyncio.run(ServePools(None, None, decoder).decode(None, 0, None, {})) == "chunk" and decoder.calls == 3
+    with pytest.raises(WorkerLost, match="decoder replica lost 3 times"):
+        asyncio.run(ServePools(None, None, FlakyDecoder(failures=3)).decode(None, 0, None, {}))
+
+
+def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(pools, tmp_path):
+    """The Generator deployment's code in-process: a new owner (or a cancel) rewrites the
+    token; the section in flight stops before its next step and saves no checkpoint."""
+    import asyncio
+
+    from fp_ray.storage import SectionStore, write_bytes
+    from fp_ray.workers import Cancelled, SectionJob
+    from serving.app import Generator
+    from serving.service import owner_location
+
+    store = SectionStore(tmp_path / "sections")
+    request = make_request(prompt="x", image=str(SAMPLE_IMAGE), width=64, height=48, steps=6, seconds=1.2)
+    generator = object.__new__(Generator.func_or_class)
+    generator.worker = pools.generator
+
+    async def run(rewrite_after: int | None, seen: list[str]) -> list[str]:
+        encoded = await pools.encode(request)
+        section = next(s for s in encoded.plan.sections if not s.depends_on)
+        job = SectionJob("r1", encoded.fingerprint, encoded.request, encoded.plan, section.position, encoded.cond, {}, store.root)
+        write_bytes(owner_location(store, "r1"), b"owner-a")
+        async for event in generator.generate(job):
+            seen.append(event["type"])
+            if seen.count("step") == rewrite_after:
+                write_bytes(owner_location(store, "r1"), b"owner-b")  # another replica took the render over
+        return seen
+
+    seen: list[str] = []
+    with pytest.raises(Cancelled, match="owner changed"):
+        asyncio.run(run(2, seen))
+    assert seen.count("step") == 2  # not one step more
+    assert not any(Path(store.root).rglob("*.safetensors"))  # stopped before saving
+    assert asyncio.run(run(None, [])).count("step") == 6  # untouched: runs and saves
+    assert any(Path(store.root).rglob("*.safetensors"))
