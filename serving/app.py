@@ -41,8 +41,8 @@ class Encoder:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})  # one section per GPU at a time
 class Generator:
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
-        self.worker = GeneratorWorker(model, device, dtype)
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, speed: dict | None = None):
+        self.worker = GeneratorWorker(model, device, dtype, speed=speed)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         async for event in iterate_in_thread(self.worker.generate(job)):
@@ -104,13 +104,13 @@ def build_app(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` builder. args: model (default: the tiny checkpoint),
     storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite;
     default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), device, dtype,
-    max_upload_mb."""
+    speed (the generators' `SpeedOptions`: {compile, attention, fp8}), max_upload_mb."""
     model = args.get("model", str(TINY_CHECKPOINT))
     device, dtype = args.get("device"), args.get("dtype")
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
     return Ingress.bind(
         Encoder.bind(model, device),
-        Generator.bind(model, device, dtype),
+        Generator.bind(model, device, dtype, args.get("speed")),
         Decoder.bind(model, device),
         model,
         storage,
