@@ -88,7 +88,8 @@ class GeneratorWorker:
         speed: SpeedOptions | dict | None = None,
     ):
         self.components = components or load_components(model, device or default_device(), dtype, parts=("transformer",))
-        apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
+        if speed is not None:  # None: the components run as they were prepared
+            apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
         self._noise: OrderedDict[str, NoiseStream] = OrderedDict()
         self._cancelled: set[str] = set()
         self.name = worker_name()
