@@ -43,9 +43,9 @@ def render(results: dict) -> str:
     ]
     for other in meta["sizes"][1:]:
         o_stock = fwd("forward_eager", other, "stock")
-        o_exact = fwd("compile", other) or fwd("forward_eager", other, "trimmed")
-        rows.append(("forward, " + other, _s(o_stock), _s(o_exact) + _ratio(o_stock, o_exact),
-                     _s(fwd("fp8_forward", other)) + _ratio(o_stock, fwd("fp8_forward", other))))
+        o_exact = fwd("compile_other_sizes", other) or fwd("forward_eager", other, "trimmed")
+        o_fast = fwd("fp8_other_sizes", other)
+        rows.append(("forward, " + other, _s(o_stock), _s(o_exact) + _ratio(o_stock, o_exact), _s(o_fast) + _ratio(o_stock, o_fast)))
     sec = [_mean(p.get("section_s")) for p in (ref, exact, fast)]
     dec = [_mean(p.get("decode_s")) for p in (ref, exact, fast)]
     tot = [p.get("total_s") for p in (ref, exact, fast)]
@@ -62,7 +62,7 @@ def render(results: dict) -> str:
     lines = [
         f"Run `{meta['setup']}` on {meta['device']}, {meta['date']}: torch {meta['torch']}, diffusers {meta['diffusers']}, "
         f"window {meta['window']}, {meta['steps']} steps; matmul peak "
-        f"{_s(_get(parts.get('matmul_peak'), 'tflops'), '{:.0f} TFLOP/s')}; exact mode: "
+        f"{_s(_get(parts.get('matmul_peak'), 'tflops'), '{:.3g} TFLOP/s')}; exact mode: "
         f"compiled={_get(exact, 'compiled')}, attention backend {_get(exact, 'backend') or 'native'}; "
         f"fast mode: fp8={_get(fast, 'fp8')}, cache threshold {meta['cache_threshold']}.",
         "",
@@ -83,6 +83,16 @@ def render(results: dict) -> str:
         f"| FP8 matmuls (after compile) | {_s(fwd('compile', size))} | {_s(fwd('fp8_forward', size))} |",
         f"| decode overlapped (fast mode, end to end) | {_s(parts.get('fast_e2e_decode_inline', {}).get('total_s'))} | {_s(tot[2])} |",
     ]
+    for name, label in (("profile_stock", "reference forward"), ("profile_exact", "exact-mode forward")):
+        prof = parts.get(name) or {}
+        if prof.get("top"):
+            lines += ["", f"Profile of one {label}: {prof['total_ms']:.0f} ms of kernels, attention "
+                      f"{prof['attention_share']:.0%}, matmul {prof['matmul_share']:.0%}. Top kernels:", ""]
+            lines += [f"- {k['share']:.1%} `{k['name'][:90]}` ({k['calls']} calls, {k['ms']:.1f} ms)" for k in prof["top"][:6]]
+    syncs = _get(parts.get("syncs"), "per_step")
+    if syncs:
+        where = ", ".join(f"`{k}` x{v}" for k, v in parts["syncs"]["where"].items())
+        lines += ["", f"Host syncs per step of fp-ray's loop: {syncs} (from {where})."]
     skipped = [f"{k} ({v['status']})" for k, v in parts.items() if v.get("status") != "ok"]
     if skipped:
         lines += ["", "Not measured in this run: " + ", ".join(skipped) + "."]
