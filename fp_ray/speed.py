@@ -79,12 +79,18 @@ def apply_speed(transformer, options: SpeedOptions) -> None:
     transformer._fp_ray_speed = options
 
 
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "flex")
+
+
 def set_attention_backend(transformer, backend: str) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     names = [b.value for b in AttentionBackendName]
     if backend not in names:
         raise SpeedOptionError(f"unknown attention backend {backend!r}; expected one of {', '.join(names)}")
+    device = next(transformer.parameters()).device
+    if device.type == "cpu" and backend not in CPU_ATTENTION_BACKENDS:
+        raise SpeedOptionError(f"attention backend {backend!r} needs a GPU; on the CPU: {', '.join(CPU_ATTENTION_BACKENDS)}")
     try:
         transformer.set_attention_backend(backend)
     except (RuntimeError, ImportError) as e:  # the backend's package or device is missing
@@ -149,7 +155,9 @@ def decode_stream(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    stream = _streams.setdefault(device, torch.cuda.Stream(device))
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    stream = _streams[device]
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()

@@ -139,7 +139,8 @@ def test_cache_threshold_is_a_request_field_in_the_fingerprint(encoded):
     "args,message",
     [(["--cache-threshold", "5"], "cache_threshold: Input should be less than or equal to 1"),
      (["--fp8"], "fp8 needs"),
-     (["--attention", "warp"], "unknown attention backend")],
+     (["--attention", "warp"], "unknown attention backend"),
+     (["--attention", "_native_cudnn"], "needs a GPU")],
 )
 def test_cli_speed_flags_fail_clearly(tmp_path, capsys, args, message):
     out = tmp_path / "v.mp4"
