@@ -53,7 +53,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 
 def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     # FP8's per-call activation scaling is fused only in compiled code: fast mode compiles too.
-    return SpeedOptions(compile=args.compile or args.fast, attention=args.attention, fp8=args.fp8 or args.fast)
+    flag = lambda name: getattr(args, name, None)  # commands (and callers) without these flags run as loaded
+    return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
