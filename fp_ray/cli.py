@@ -48,7 +48,7 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (exact; slow first section)")
     p.add_argument("--attention", help="diffusers attention backend, e.g. _native_cudnn, _native_flash, flash (exact)")
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the transformer blocks (approximate; torchao, GPU >= sm89)")
-    p.add_argument("--fast", action="store_true", help=f"fast mode: --compile, --fp8 and --cache-threshold {FAST_CACHE_THRESHOLD} unless given")
+    p.add_argument("--fast", action="store_true", help=f"fast mode: --compile --fp8, and for render --cache-threshold {FAST_CACHE_THRESHOLD} unless given (batch: a cache_threshold column)")
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
