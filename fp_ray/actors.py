@@ -20,6 +20,7 @@ from .coordinator import WorkerLost
 from .encode import Conditioning, Encoded
 from .request import RenderRequest
 from .schedule import Plan
+from .speed import SpeedOptions
 from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -40,6 +41,7 @@ class PoolConfig:
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # {"generator": {"H100": 1}}
     max_restarts: int = 3
     dtype: str | None = None  # transformer precision; None: bf16 on GPU, fp32 on CPU
+    speed: SpeedOptions | None = None  # compile / attention backend / fp8 of the generators
 
     def gpus(self, kind: str) -> float:
         chosen = getattr(self, f"{kind}_gpus")
@@ -139,7 +141,7 @@ class RayPools:
         self.config = config
         self.encoders = [EncoderActor.options(**config.options("encoder")).remote(model, device) for _ in range(config.encoders)]
         self.generators = [
-            GeneratorActor.options(**config.options("generator")).remote(model, device, config.dtype)
+            GeneratorActor.options(**config.options("generator")).remote(model, device, config.dtype, speed=config.speed)
             for _ in range(config.generators)
         ]
         self.decoders = [DecoderActor.options(**config.options("decoder")).remote(model, device) for _ in range(config.decoders)]

@@ -270,8 +270,8 @@ class EncodeStage(RowStage):
 class GenerateStage(RowStage):
     name = "generate"
 
-    def __init__(self, model: str, store: str, device: str | None = None, dtype: str | None = None):
-        self.pools = LocalPools(generator=GeneratorWorker(model, device, dtype))
+    def __init__(self, model: str, store: str, device: str | None = None, dtype: str | None = None, speed=None):
+        self.pools = LocalPools(generator=GeneratorWorker(model, device, dtype, speed=speed))
         self.store = SectionStore(store)
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
@@ -363,7 +363,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
             ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
             .map_batches(EncodeStage, fn_constructor_args=(model, device), compute=_pool(config.encoders),
                          num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, **common)
-            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, pools.dtype), compute=_pool(config.generators),
+            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, pools.dtype, pools.speed), compute=_pool(config.generators),
                          num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
             .map_batches(DecodeStage, fn_constructor_args=(model, out, device), compute=_pool(config.decoders),
                          num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)

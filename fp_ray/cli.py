@@ -15,6 +15,7 @@ from .encode import ImageError, load_image
 from .models import ModelNotFoundError, ModelSources
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
+from .speed import FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
 from .storage import StorageError, is_uri
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -42,6 +43,21 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, default=d["fps"].default)
     p.add_argument("--crf", type=int, default=d["crf"].default, help="x264 quality, lower is better (default %(default)s)")
     p.add_argument("--model", default=d["model"].default, help="checkpoint folder or hub id (default: the tiny checkpoint)")
+    p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """The generators' speed options (docs/benchmarks.md has their measured cost)."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (exact; slow first section)")
+    p.add_argument("--attention", help="diffusers attention backend, e.g. _native_cudnn, _native_flash, flash (exact)")
+    p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the transformer blocks (approximate; torchao, GPU >= sm89)")
+    p.add_argument("--fast", action="store_true", help=f"fast mode: --compile --fp8, and for render --cache-threshold {FAST_CACHE_THRESHOLD} unless given (batch: a cache_threshold column)")
+
+
+def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
+    # FP8's per-call activation scaling is fused only in compiled code: fast mode compiles too.
+    flag = lambda name: getattr(args, name, None)  # commands (and callers) without these flags run as loaded
+    return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
@@ -67,6 +83,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         fps=args.fps,
         crf=args.crf,
         model=args.model,
+        cache_threshold=FAST_CACHE_THRESHOLD if args.cache_threshold is None and getattr(args, "fast", False) else args.cache_threshold,
     )
     # Everything that can be checked before loading a model is checked here.
     load_image(request.image_path, "image")
@@ -103,6 +120,7 @@ def cmd_render(args: argparse.Namespace) -> None:
 
     from .models import load_components
     from .render import render
+    from .speed import apply_speed
     from .storage import SectionStore
 
     request = request_from_args(args)
@@ -144,6 +162,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         components = load_components(request.model, device, DTYPES.get(args.dtype))
+        apply_speed(components.transformer, speed_from_args(args))
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
                         request_id=args.id)
     bars["sections"].close()
@@ -243,6 +262,7 @@ def pool_config(args: argparse.Namespace):
         generator_gpus=args.generator_gpus, decoder_gpus=args.decoder_gpus, encoder_gpus=args.encoder_gpus,
         resources=resources, max_restarts=args.max_restarts,
         dtype=DTYPES.get(getattr(args, "dtype", None)),
+        speed=speed_from_args(args),
     )
 
 
@@ -342,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("--store", help="section checkpoints: a folder or URI (a restarted render reuses them)")
     p_render.add_argument("--id", help="render id for the checkpoints (default: from the request's fingerprint)")
     add_pool_args(p_render)
+    add_speed_args(p_render)
 
     p_batch = sub.add_parser("batch", help="render every row of a manifest on Ray (Ray Data)")
     p_batch.add_argument("manifest", help="Parquet, JSONL or CSV: id, prompt, image, [end_image, seconds, seed, schedule, size, ...]")
@@ -351,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p_batch.add_argument("--device", help="torch device in the actors (default: cuda if they see one, else cpu)")
     p_batch.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision")
     add_pool_args(p_batch)
+    add_speed_args(p_batch)
     p_batch.set_defaults(func=cmd_batch)
 
     p_submit = sub.add_parser("submit", help="submit a batch to a running cluster as a Ray Job")
@@ -391,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(args.verbose)
     try:
         return args.func(args) or 0
-    except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError) as e:
+    except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, SpeedOptionError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
     except RenderFailed as e:

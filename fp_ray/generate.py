@@ -11,6 +11,7 @@ from .encode import Conditioning
 from .packing import HISTORY_FRAMES, HISTORY_SIZES
 from .sampling import NoiseStream, PackedContext, denoise
 from .schedule import Plan, Section
+from .speed import step_cache, trim_text
 
 LATENT_CHANNELS = 16
 
@@ -62,9 +63,11 @@ def section_steps(
     sampler: str,
     steps: int,
     guidance: float,
+    cache_threshold: float | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(step, steps, latents) after each step; the last latents are the section's clean
-    (1, 16, window, h, w) float32 latents, on the CPU. Pure in its inputs."""
+    (1, 16, window, h, w) float32 latents, on the CPU. Pure in its inputs. The prompt reaches
+    the transformer without its padding; `cache_threshold` turns on the step cache (fast mode)."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
@@ -75,12 +78,13 @@ def section_steps(
         steps,
         guidance,
         noise=noise.draw(section.order),
-        text=cond.text[section.prompt],
+        text=trim_text(cond.text[section.prompt]),
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),
     )
-    for step, total, latents in run:
-        yield step, total, latents.cpu() if step == total else latents
+    with step_cache(components.transformer, cache_threshold):
+        for step, total, latents in run:
+            yield step, total, latents.cpu() if step == total else latents
 
 
 def generate_section(*args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> torch.Tensor:

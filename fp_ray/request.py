@@ -89,6 +89,9 @@ class RenderRequest(BaseModel):
     fps: int = Field(default=30, ge=1, le=120)
     crf: int = Field(default=16, ge=0, le=51)
     model: str = str(TINY_CHECKPOINT)
+    # Fast mode's step cache (FirstBlockCache threshold); None: exact. Part of the request,
+    # and so of its fingerprint, because it changes the video.
+    cache_threshold: float | None = Field(default=None, gt=0, le=1)
 
     @field_validator("width", "height")
     @classmethod

@@ -23,6 +23,7 @@ from .models import Components, load_components
 from .request import RenderRequest
 from .sampling import NoiseStream
 from .schedule import Plan
+from .speed import SpeedOptions, apply_speed, decode_stream
 from .storage import SectionStore
 
 
@@ -78,8 +79,17 @@ class GeneratorWorker:
 
     NOISE_STREAMS = 8  # requests whose noise streams are kept warm
 
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, components: Components | None = None):
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        components: Components | None = None,
+        speed: SpeedOptions | dict | None = None,
+    ):
         self.components = components or load_components(model, device or default_device(), dtype, parts=("transformer",))
+        if speed is not None:  # None: the components run as they were prepared
+            apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
         self._noise: OrderedDict[str, NoiseStream] = OrderedDict()
         self._cancelled: set[str] = set()
         self.name = worker_name()
@@ -106,7 +116,7 @@ class GeneratorWorker:
         yield {"type": "started", "position": job.position, "worker": self.name}
         steps = section_steps(
             self.components, job.plan, section, job.cond, job.context, self._noise_stream(job),
-            sampler=r.sampler, steps=r.steps, guidance=r.guidance,
+            sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
         )
         for step, total, latents in steps:
             if job.request_id in self._cancelled:
@@ -129,4 +139,5 @@ class DecoderWorker:
     def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """(1, 3, F, H, W) in [-1, 1], VAE dtype, on the CPU."""
         section = plan.section(position)
-        return decode_chunk(self.components.vae, decode_input(plan, section, cond, latents))
+        with decode_stream(self.components.device):  # overlaps the generator's kernels on a shared GPU
+            return decode_chunk(self.components.vae, decode_input(plan, section, cond, latents))

@@ -46,8 +46,8 @@ class Encoder:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})  # one section per GPU at a time
 class Generator:
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
-        self.worker = GeneratorWorker(model, device, dtype)
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, speed: dict | None = None):
+        self.worker = GeneratorWorker(model, device, dtype, speed=speed)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         """The section's events. Between two steps the render's owner token is read again: once
@@ -159,14 +159,15 @@ def build_app(args: dict) -> serve.Application:
     storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite file;
     default STORAGE/renders.db) or database_url (postgresql://...: for several ingress replicas),
     auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token},
-    or env FP_RAY_API_TOKENS="name=token,..."), device, dtype, and any ServiceConfig field
+    or env FP_RAY_API_TOKENS="name=token,..."), device, dtype, speed (the generators'
+    `SpeedOptions`: {compile, attention, fp8}), and any ServiceConfig field
     (max_upload_mb, max_queued, url_allow, retention_days, ...)."""
     model = args.get("model", str(TINY_CHECKPOINT))
     device, dtype = args.get("device"), args.get("dtype")
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
     return Ingress.bind(
         Encoder.bind(model, device),
-        Generator.bind(model, device, dtype),
+        Generator.bind(model, device, dtype, args.get("speed")),
         Decoder.bind(model, device),
         model,
         storage,

@@ -1,0 +1,163 @@
+"""Speed options for the generator and decoder.
+
+Exact mode keeps the reference's math and only changes how it runs (a tolerance, never a
+different video):
+- the prompt is cut to its real tokens before the transformer (`trim_text`): the token
+  refiner then attends without a padding mask, and the main blocks get the same trimmed
+  text diffusers cuts them to at batch size 1;
+- `compile`: torch.compile of each transformer block (regional: the 20 double and 40 single
+  blocks share two compiled graphs), fusing norms, modulation, RoPE and activations;
+- `attention`: a diffusers attention backend (e.g. `_native_cudnn`, `_native_flash`, `flash`);
+- the decoder runs on its own CUDA stream (`decode_stream`), so a decode overlaps the next
+  section's steps on the GPU, not only on the host.
+
+Fast mode is opt-in and changes the video a little:
+- a step cache (`step_cache`): diffusers' FirstBlockCache skips the remaining blocks of a
+  step when the first block's residual barely changed since the last computed step;
+  per request (`cache_threshold`), since it changes the output;
+- `fp8`: torchao float8 matmuls (dynamic activation + weight scaling, per row) in the
+  transformer blocks; needs torchao and a GPU with FP8 tensor cores (compute capability >= 8.9).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .encode import TextEmbedding
+
+# First-block-cache threshold of `--fast`: the relative change of the first block's residual
+# under which a step reuses the last computed residual of the other blocks. ParaAttention's
+# published HunyuanVideo setting is 0.06 (about 1.6x at 720p); higher skips more.
+FAST_CACHE_THRESHOLD = 0.1
+
+
+class SpeedOptionError(ValueError):
+    """A speed option that cannot be used here (missing package, unsupported device, bad name)."""
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How a generator runs its transformer; set when the worker loads the model."""
+
+    compile: bool = False
+    attention: str | None = None  # diffusers AttentionBackendName value; None: torch SDPA's own choice
+    fp8: bool = False  # fast mode: FP8 matmuls in the transformer blocks (approximate)
+
+    @classmethod
+    def from_config(cls, config: "SpeedOptions | dict | None") -> "SpeedOptions":
+        """From YAML/JSON config (`{compile: true, fp8: false, attention: _native_cudnn}`)."""
+        if config is None or isinstance(config, SpeedOptions):
+            return config or cls()
+        unknown = set(config) - {"compile", "attention", "fp8"}
+        if unknown:
+            raise SpeedOptionError(f"unknown speed options {sorted(unknown)}; expected compile, attention, fp8")
+        return cls(**config)
+
+
+def transformer_blocks(transformer) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def apply_speed(transformer, options: SpeedOptions) -> None:
+    """Apply `options` to a loaded transformer, in place, once. FP8 goes first so that the
+    compiled graphs see the quantized weights."""
+    applied = getattr(transformer, "_fp_ray_speed", SpeedOptions())
+    if applied == options:
+        return
+    if applied != SpeedOptions():
+        raise SpeedOptionError(f"the transformer already runs with {applied}; load a fresh one for {options}")
+    if options.fp8:
+        quantize_fp8(transformer)
+    if options.attention:
+        set_attention_backend(transformer, options.attention)
+    if options.compile:
+        compile_blocks(transformer)
+    transformer._fp_ray_speed = options
+
+
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "flex")
+
+
+def set_attention_backend(transformer, backend: str) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if backend not in names:
+        raise SpeedOptionError(f"unknown attention backend {backend!r}; expected one of {', '.join(names)}")
+    device = next(transformer.parameters()).device
+    if device.type == "cpu" and backend not in CPU_ATTENTION_BACKENDS:
+        raise SpeedOptionError(f"attention backend {backend!r} needs a GPU; on the CPU: {', '.join(CPU_ATTENTION_BACKENDS)}")
+    try:
+        transformer.set_attention_backend(backend)
+    except (RuntimeError, ImportError) as e:  # the backend's package or device is missing
+        raise SpeedOptionError(f"attention backend {backend!r}: {e}") from e
+
+
+def compile_blocks(transformer) -> None:
+    """Regional compile: each block's forward, not the whole model, so compile time stays that
+    of two block graphs and cache hooks (which wrap `forward`) stay outside the graphs."""
+    for block in transformer_blocks(transformer):
+        block.forward = torch.compile(block.forward, dynamic=False)
+
+
+def quantize_fp8(transformer) -> None:
+    """FP8 weights and activations (per-row scales) for the Linear layers of the blocks; the
+    embedders, final norm and projection stay in the transformer's dtype."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise SpeedOptionError("fp8 needs torchao: pip install 'fp-ray[fast]' (or torchao matching your torch)") from e
+    device = next(transformer.parameters()).device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise SpeedOptionError(f"fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9), not {device}")
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    for block in transformer_blocks(transformer):
+        quantize_(block, config)
+
+
+def trim_text(text: TextEmbedding) -> TextEmbedding:
+    """Cut the prompt to its real tokens. The mask is ones then zeros (right padding), so the
+    first `mask.sum()` tokens are the prompt; anything else is returned unchanged."""
+    n = int(text.mask[0].sum())
+    if n == 0 or bool(text.mask[0, n:].any()):
+        return text
+    return TextEmbedding(embeds=text.embeds[:, :n], mask=text.mask[:, :n], pooled=text.pooled)
+
+
+@contextmanager
+def step_cache(transformer, threshold: float | None) -> Iterator[None]:
+    """FirstBlockCache over one section's steps (no-op for None): enabled fresh per section so
+    no residual leaks from one section (or request) into the next."""
+    if threshold is None:
+        yield
+        return
+    from diffusers import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        with transformer.cache_context("section"):
+            yield
+    finally:
+        transformer.disable_cache()
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextmanager
+def decode_stream(device: torch.device) -> Iterator[None]:
+    """Run the enclosed CUDA work on a side stream of `device` (its own per device), so it runs
+    alongside the generator's kernels on the default stream; waits for it at the end."""
+    if device.type != "cuda":
+        yield
+        return
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    stream = _streams[device]
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()

@@ -1,0 +1,150 @@
+"""Speed options on the tiny checkpoint: exact mode keeps the latents, fast options run and
+change what they should, bad options are clear errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
+from fp_ray.cli import main
+from fp_ray.encode import encode_request
+from fp_ray.generate import noise_stream, section_steps
+from fp_ray.models import Components
+from fp_ray.request import make_request
+from fp_ray.speed import SpeedOptionError, SpeedOptions, apply_speed, trim_text
+
+W, H, STEPS = 64, 48, 3
+
+
+@pytest.fixture(scope="module")
+def encoded(components):
+    request = make_request(prompt="a red house below the mountains", width=W, height=H, steps=STEPS, seconds=2.4, sampler="euler")
+    return encode_request(components, request)
+
+
+def fresh(components) -> Components:
+    """The checkpoint with a transformer of its own, for options that change it in place."""
+    transformer = HunyuanVideoFramepackTransformer3DModel.from_pretrained(TINY_CHECKPOINT, subfolder="transformer").eval()
+    return Components(**{**components.__dict__, "transformer": transformer})
+
+
+def section_latents(c: Components, encoded, cache_threshold: float | None = None, position: int | None = None) -> torch.Tensor:
+    plan, cond = encoded.plan, encoded.cond
+    section = plan.sections[0] if position is None else plan.section(position)
+    steps = section_steps(c, plan, section, cond, {}, noise_stream(plan, cond, 7), sampler="euler", steps=STEPS,
+                          guidance=10.0, cache_threshold=cache_threshold)
+    return list(steps)[-1][2]
+
+
+def full_block_runs(c: Components) -> list[int]:
+    """Counts the steps in which the last block's own forward ran (the step cache wraps it and
+    skips it on a cached step)."""
+    runs, block = [], c.transformer.single_transformer_blocks[-1]
+    inner = block.forward
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return inner(*args, **kwargs)
+
+    block.forward = counted
+    return runs
+
+
+def test_trim_text_cuts_the_padding_only(encoded):
+    text = next(iter(encoded.cond.text.values()))
+    n = int(text.mask.sum())
+    assert 0 < n < text.mask.shape[1]
+    trimmed = trim_text(text)
+    assert trimmed.embeds.shape[1] == trimmed.mask.shape[1] == n and bool(trimmed.mask.all())
+    assert torch.equal(trimmed.embeds, text.embeds[:, :n]) and trimmed.pooled is text.pooled
+    holes = text.mask.clone()
+    holes[0, 0] = 0  # not right padding: nothing to cut safely
+    assert trim_text(type(text)(text.embeds, holes, text.pooled)).embeds.shape == text.embeds.shape
+
+
+def test_trimmed_prompt_keeps_the_latents(components, encoded):
+    """The transformer on the padded prompt (what the reference passes) against the trimmed one."""
+    from fp_ray import generate
+
+    ours = section_latents(components, encoded)
+    padded = functools.partial(section_latents, components, encoded)
+    original = generate.trim_text
+    generate.trim_text = lambda text: text
+    try:
+        reference = padded()
+    finally:
+        generate.trim_text = original
+    assert ours.std() > 0.1
+    assert (ours - reference).abs().max().item() <= 1e-5
+
+
+def test_step_cache_skips_steps_and_changes_latents_only_when_asked(components, encoded):
+    c = fresh(components)
+    exact = section_latents(c, encoded)
+    runs = full_block_runs(c)
+    assert torch.equal(section_latents(c, encoded, cache_threshold=None), exact) and len(runs) == STEPS
+    runs.clear()
+    cached = section_latents(c, encoded, cache_threshold=1.0)  # the highest threshold skips every step it may
+    assert 0 < len(runs) < STEPS
+    assert not torch.equal(cached, exact) and torch.isfinite(cached).all()
+    assert not c.transformer.is_cache_enabled  # hooks are off again after the section
+    runs.clear()
+    assert torch.equal(section_latents(c, encoded), exact) and len(runs) == STEPS  # no residual leaks into the next section
+
+
+def test_compiled_blocks_keep_the_latents_and_take_the_cache(components, encoded, monkeypatch):
+    # Inductor's C++ build is minutes on a small CPU; the eager backend checks the wiring
+    # (every block's forward goes through torch.compile, hooks wrap it) in seconds.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    c = fresh(components)
+    exact = section_latents(c, encoded)
+    apply_speed(c.transformer, SpeedOptions(compile=True))
+    assert all(getattr(b.forward, "_torchdynamo_orig_callable", None) for b in c.transformer.transformer_blocks)
+    assert (section_latents(c, encoded) - exact).abs().max().item() <= 1e-5
+    runs = full_block_runs(c)
+    section_latents(c, encoded, cache_threshold=1.0)
+    assert 0 < len(runs) < STEPS
+
+
+def test_attention_backend_and_option_errors(components, encoded):
+    c = fresh(components)
+    exact = section_latents(c, encoded)
+    apply_speed(c.transformer, SpeedOptions(attention="_native_math"))
+    assert (section_latents(c, encoded) - exact).abs().max().item() <= 1e-5
+    apply_speed(c.transformer, SpeedOptions(attention="_native_math"))  # the same again: nothing to do
+    with pytest.raises(SpeedOptionError, match="already runs with"):
+        apply_speed(c.transformer, SpeedOptions(compile=True))
+    with pytest.raises(SpeedOptionError, match="unknown attention backend 'warp'"):
+        apply_speed(fresh(components).transformer, SpeedOptions(attention="warp"))
+    with pytest.raises(SpeedOptionError, match="fp8 needs"):  # torchao missing, or no FP8 GPU here
+        apply_speed(fresh(components).transformer, SpeedOptions(fp8=True))
+    with pytest.raises(SpeedOptionError, match="unknown speed options"):
+        SpeedOptions.from_config({"compile": True, "turbo": 1})
+    assert SpeedOptions.from_config({"compile": True}) == SpeedOptions(compile=True)
+
+
+def test_cache_threshold_is_a_request_field_in_the_fingerprint(encoded):
+    from fp_ray.encode import request_fingerprint
+
+    fast = encoded.request.model_copy(update={"cache_threshold": 0.1})
+    images = (SAMPLE_IMAGE.read_bytes(), None)
+    assert request_fingerprint(fast, images) != request_fingerprint(encoded.request, images)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--cache-threshold", "5"], "cache_threshold: Input should be less than or equal to 1"),
+     (["--fp8"], "fp8 needs"),
+     (["--attention", "warp"], "unknown attention backend"),
+     (["--attention", "_native_cudnn"], "needs a GPU")],
+)
+def test_cli_speed_flags_fail_clearly(tmp_path, capsys, args, message):
+    out = tmp_path / "v.mp4"
+    assert main(["render", "--out", str(out), "--size", "64x48", "--steps", "1", "--seconds", "1.2", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fp-ray: error:") and message in err[-1]
+    assert not out.exists()
