@@ -27,11 +27,13 @@ from .actors import PoolConfig
 from .coordinator import generate_sections
 from .decode import assemble, to_frames
 from .encode import ImageError, read_request_images, request_fingerprint
+from .models import ModelSpec
+from .placement import check_placement
 from .render import LocalPools
 from .request import RenderRequest, RequestError, make_request, parse_size
 from .storage import SAFE_ID, SectionStore, StorageError, exists, is_uri, join, read_bytes, write_bytes
 from .video import write_mp4
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionOutOfMemory
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf"}
@@ -52,7 +54,8 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class BatchConfig:
     """Actor pool sizes (min, max: Ray Data grows a pool up to max while work is queued) and
-    what each actor asks for. Generators get a GPU each when the cluster has GPUs."""
+    what each actor asks for and how it loads (`pools`: declared GPUs, device, memory mode,
+    sources)."""
 
     encoders: tuple[int, int] = (1, 1)
     generators: tuple[int, int] = (1, 1)
@@ -178,8 +181,8 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
 
 
 class EncodeStage:
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = EncoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = EncoderWorker(spec)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return _frame([self.encode(row) for row in _rows(batch)])
@@ -196,8 +199,8 @@ class EncodeStage:
 
 
 class GenerateStage:
-    def __init__(self, model: str, store: str, device: str | None = None, dtype: str | None = None):
-        self.pools = LocalPools(generator=GeneratorWorker(model, device, dtype))
+    def __init__(self, spec: ModelSpec, store: str):
+        self.pools = LocalPools(generator=GeneratorWorker(spec))
         self.store = SectionStore(store)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -208,7 +211,10 @@ class GenerateStage:
         if row["payload"] is None:
             return {"id": row["id"], "record": record}
         encoded = pickle.loads(row["payload"])
-        done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=row["id"], store=self.store))
+        try:
+            done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=row["id"], store=self.store))
+        except SectionOutOfMemory as e:  # this row is too big for the GPU; the others go on
+            return {"id": row["id"], "record": error_record(row["id"], e)}
         record.update(generate_s=seconds, sections_reused=len(reused))
         return {"id": row["id"], "record": record, "payload": pickle.dumps((encoded, done))}
 
@@ -216,8 +222,8 @@ class GenerateStage:
 class DecodeStage:
     """Decodes every chunk, assembles, writes `{out}/{id}.mp4` and the row's record."""
 
-    def __init__(self, model: str, out: str, device: str | None = None):
-        self.worker = DecoderWorker(model, device)
+    def __init__(self, spec: ModelSpec, out: str):
+        self.worker = DecoderWorker(spec)
         self.out = out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -259,15 +265,20 @@ def _pool(sizes: tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchConfig(), store: str | None = None,
-              device: str | None = None) -> list[dict]:
+def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchConfig(), store: str | None = None) -> list[dict]:
     """Render every row of `manifest` into `out` ({id}.mp4, records/{id}.json, results.parquet).
-    Returns the records in manifest order. Needs a connected Ray (ray.init)."""
+    Returns the records in manifest order. Needs a connected Ray (ray.init). Devices, sources
+    and memory mode of the stages: `config.pools`."""
+    pools = config.pools
+    check_placement({"encoder": (max(1, config.encoders[0]), pools.bundle("encoder", config.encoder_cpus)),
+                     "generator": (max(1, config.generators[0]), pools.bundle("generator")),
+                     "decoder": (max(1, config.decoders[0]), pools.bundle("decoder", config.decoder_cpus))},
+                    pools.autoscaling)
+    spec = pools.spec(model)
     manifest_rows = read_manifest(manifest)
     ids = [str(_value(r["id"])) for r in manifest_rows]
     base = str(manifest).rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
     store = store or join(out, "sections")
-    pools = config.pools
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
     # Checking reads each image once (to fingerprint it) and runs no model: threads suffice.
     with ThreadPoolExecutor(16) as pool:
@@ -277,11 +288,11 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
     if todo:
         rendered = (
             ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
-            .map_batches(EncodeStage, fn_constructor_args=(model, device), compute=_pool(config.encoders),
-                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, **common)
-            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, pools.dtype), compute=_pool(config.generators),
+            .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
+                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
+            .map_batches(GenerateStage, fn_constructor_args=(spec, store), compute=_pool(config.generators),
                          num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-            .map_batches(DecodeStage, fn_constructor_args=(model, out, device), compute=_pool(config.decoders),
+            .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
                          num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
             .select_columns(["id", "record"])
             .take_all()

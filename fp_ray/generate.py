@@ -78,6 +78,7 @@ def section_steps(
         text=cond.text[section.prompt],
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),
+        device=components.device,
     )
     for step, total, latents in run:
         yield step, total, latents.cpu() if step == total else latents

@@ -79,9 +79,10 @@ class NoiseStream:
 
 
 def transformer_inputs(transformer, text: TextEmbedding, image_embeds: torch.Tensor, context: PackedContext,
-                       guidance: float) -> dict:
-    """The transformer's keyword arguments that stay fixed over a section's steps."""
-    device, dtype = transformer.device, transformer.dtype
+                       guidance: float, device: torch.device | None = None) -> dict:
+    """The transformer's keyword arguments that stay fixed over a section's steps, on the
+    device it computes on (`device`: where an offloaded transformer's weights come to)."""
+    device, dtype = device or transformer.device, transformer.dtype
     idx = context.indices
     return dict(
         encoder_hidden_states=text.embeds.to(device, dtype),
@@ -131,14 +132,16 @@ def denoise(
     text: TextEmbedding,
     image_embeds: torch.Tensor,
     context: PackedContext,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (step, steps, latents) after each sampler step; the last latents are the clean
-    section. A consumer that stops iterating stops the work between two steps."""
+    section. A consumer that stops iterating stops the work between two steps. `device`:
+    where the transformer computes (default: where its weights are)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    device = transformer.device
+    device = device or transformer.device
     mu = section_mu(transformer, scheduler_config, noise.shape)
-    fixed = transformer_inputs(transformer, text, image_embeds, context, guidance)
+    fixed = transformer_inputs(transformer, text, image_embeds, context, guidance, device)
     latents = noise.to(device)
     if sampler == "unipc":
         model = lambda x, sigma: x0_prediction(transformer, fixed, x, sigma)  # noqa: E731

@@ -21,6 +21,7 @@ from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import LOST
 from fp_ray.coordinator import WorkerLost
 from fp_ray.encode import Conditioning, Encoded
+from fp_ray.models import ModelSpec
 from fp_ray.request import RenderRequest
 from fp_ray.schedule import Plan
 from fp_ray.workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
@@ -32,8 +33,8 @@ from serving.service import RenderService
 # GPUs and CPUs for a cluster.
 @serve.deployment(max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.25})
 class Encoder:
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = EncoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = EncoderWorker(spec)
 
     async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         return await asyncio.to_thread(self.worker.encode, request, images)
@@ -41,8 +42,8 @@ class Encoder:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})  # one section per GPU at a time
 class Generator:
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
-        self.worker = GeneratorWorker(model, device, dtype)
+    def __init__(self, spec: ModelSpec):
+        self.worker = GeneratorWorker(spec)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         async for event in iterate_in_thread(self.worker.generate(job)):
@@ -51,8 +52,8 @@ class Generator:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})
 class Decoder:
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = DecoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = DecoderWorker(spec)
 
     async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
         return await asyncio.to_thread(self.worker.decode, plan, position, cond, latents)
@@ -103,15 +104,18 @@ class Ingress:
 def build_app(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` builder. args: model (default: the tiny checkpoint),
     storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite;
-    default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), device, dtype,
-    max_upload_mb."""
+    default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), max_upload_mb, and
+    how the replicas load (models.ModelSpec): base, image_encoder (default: env
+    FP_RAY_BASE_MODEL / FP_RAY_IMAGE_ENCODER, else the hub), device, dtype, memory
+    (auto | resident | swap | offload), force_schedule."""
     model = args.get("model", str(TINY_CHECKPOINT))
-    device, dtype = args.get("device"), args.get("dtype")
+    spec = ModelSpec(model, args.get("base"), args.get("image_encoder"), args.get("device"), args.get("dtype"),
+                     args.get("memory") or "auto", bool(args.get("force_schedule", False)))
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
     return Ingress.bind(
-        Encoder.bind(model, device),
-        Generator.bind(model, device, dtype),
-        Decoder.bind(model, device),
+        Encoder.bind(spec),
+        Generator.bind(spec),
+        Decoder.bind(spec),
         model,
         storage,
         args.get("database"),
