@@ -192,7 +192,7 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
                    "a Ray fp-ray starts itself on a machine with one GPU shares it among all actors, on none uses the CPU)")
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: wait for actors no node fits yet instead of failing")
-    for kind in ("generator", "decoder"):
+    for kind in ("generator", "decoder", "encoder"):
         p.add_argument(f"--{kind}-resource", action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
@@ -203,7 +203,7 @@ def pool_config(args: argparse.Namespace):
     from .actors import PoolConfig
 
     resources: dict[str, dict[str, float]] = {}
-    for kind in ("generator", "decoder"):
+    for kind in ("generator", "decoder", "encoder"):
         for item in getattr(args, f"{kind}_resource"):
             name, _, amount = item.partition("=")
             try:

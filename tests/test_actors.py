@@ -41,8 +41,8 @@ def ray_render(request, pools, **kwargs):
 def test_actors_hold_their_gpus(pools):
     assert len(set(ray.get([g.ready.remote() for g in pools.generators]))) == 2
     assert pools.config.gpus("generator") == 1.0 and pools.config.gpus("decoder") == 0.5
-    # 4 fake GPUs: two generators hold one each, the decoder half of one
-    assert ray.available_resources().get("GPU", 0) == pytest.approx(1.5)
+    # 4 fake GPUs: two generators hold one each, the decoder and the encoder half of one each
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
