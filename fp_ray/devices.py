@@ -21,9 +21,9 @@ import torch
 
 MEMORY_MODES = ("auto", "resident", "swap", "offload")
 GIB = 1024**3
-# Free GPU memory each mode needs for the 13B checkpoint at 640x608 (docs/memory.md):
-# resident holds every model (~41 GiB of weights) plus section activations; swap holds the
-# transformer (~24 GiB) plus activations.
+# Free GPU memory each mode needs for the 13B checkpoint at 608x640 (docs/memory.md, computed
+# from parameter counts): resident peaks at 40.6 GiB, swap at 25.6 GiB, plus margins for the VAE
+# decode, the CUDA context and fragmentation (the official demo's own line is 60 GB).
 RESIDENT_MIN_FREE_GIB = 56
 SWAP_MIN_FREE_GIB = 34
 
