@@ -67,7 +67,7 @@ def check_placement(asks: dict[str, tuple[int, Bundle]], autoscaling: bool = Fal
         unplaceable = pack(named, nodes)
     if unplaceable:
         wanted = "; ".join(f"{count} {kind} x {_fmt(bundle)}" for kind, (count, bundle) in asks.items() if count)
-        have = ", ".join(_fmt(n) for n in nodes) or "no nodes"
+        have = ", ".join(sorted(_fmt(n) for n in nodes)) or "no nodes"
         extra = f"; node types it can add: {', '.join(_fmt(t) for t in node_types)}" if node_types else ""
         raise PlacementError(
             f"cannot place {', '.join(unplaceable)}: asked for {wanted}; the cluster has {have}{extra}. "
