@@ -258,6 +258,19 @@ def cmd_job(args: argparse.Namespace) -> None:
     job_command(args)
 
 
+def serve_gpus(args: argparse.Namespace) -> dict[str, float]:
+    """GPUs per deployment when fp-ray starts Ray on this machine (a cluster: its YAML)."""
+    if args.address or os.environ.get("RAY_ADDRESS") or args.device == "cpu":
+        return {}
+    import torch
+
+    from .actors import PoolConfig
+
+    gpus = torch.cuda.device_count()
+    config = PoolConfig.one_machine(gpus)
+    return {name: config.gpus(kind) for name, kind in (("Encoder", "encoder"), ("Generator", "generator"), ("Decoder", "decoder"))} if gpus else {}
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ray import serve
 
@@ -268,7 +281,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": args.token,
                      "device": args.device, "dtype": DTYPES.get(args.dtype), "memory": args.memory, "base": args.base,
-                     "image_encoder": args.image_encoder, "force_schedule": args.force_schedule})
+                     "image_encoder": args.image_encoder, "force_schedule": args.force_schedule,
+                     "num_gpus": serve_gpus(args)})
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:

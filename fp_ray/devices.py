@@ -46,11 +46,6 @@ class DevicePolicy:
     def on_gpu(self) -> bool:
         return self.device.type != "cpu"
 
-    def describe(self) -> str:
-        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-        return (f"{self.device} (transformer {names.get(self.transformer_dtype)}, encoders {names.get(self.encoder_dtype)}, "
-                f"VAE {names.get(self.vae_dtype)}, memory {self.memory})")
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

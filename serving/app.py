@@ -107,15 +107,23 @@ def build_app(args: dict) -> serve.Application:
     default STORAGE/renders.db), auth_token (or env FP_RAY_API_TOKEN), max_upload_mb, and
     how the replicas load (models.ModelSpec): base, image_encoder (default: env
     FP_RAY_BASE_MODEL / FP_RAY_IMAGE_ENCODER, else the hub), device, dtype, memory
-    (auto | resident | swap | offload), force_schedule."""
+    (auto | resident | swap | offload), force_schedule; num_gpus ({"Generator": 1, ...}) for
+    `fp-ray serve` on its own machine (a cluster's YAML declares them per deployment)."""
     model = args.get("model", str(TINY_CHECKPOINT))
     spec = ModelSpec(model, args.get("base"), args.get("image_encoder"), args.get("device"), args.get("dtype"),
                      args.get("memory") or "auto", bool(args.get("force_schedule", False)))
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
+    gpus = args.get("num_gpus") or {}
+
+    def placed(deployment):  # a YAML's ray_actor_options still win over these
+        if deployment.name not in gpus:
+            return deployment
+        return deployment.options(ray_actor_options={**deployment.ray_actor_options, "num_gpus": gpus[deployment.name]})
+
     return Ingress.bind(
-        Encoder.bind(spec),
-        Generator.bind(spec),
-        Decoder.bind(spec),
+        placed(Encoder).bind(spec),
+        placed(Generator).bind(spec),
+        placed(Decoder).bind(spec),
         model,
         storage,
         args.get("database"),
