@@ -208,7 +208,7 @@ def run_fp_ray(c: Components, plan: Plan, cond: Conditioning, request: RenderReq
     each chunk handed to the decoder (its own thread and CUDA stream) as soon as the latents it
     spans exist, as the coordinator does; `overlap=False` decodes in line instead."""
     device = c.device
-    generator, decoder = GeneratorWorker("", components=c), DecoderWorker("", components=c)
+    generator, decoder = GeneratorWorker(components=c), DecoderWorker(components=c)
     c.vae.enable_tiling(tile_sample_min_height=256, tile_sample_min_width=256)  # as load_components sets it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -20,7 +20,8 @@ from PIL import Image
 
 from fp_ray import TINY_CHECKPOINT
 from fp_ray.encode import MAX_PROMPT_TOKENS, Conditioning, TextEmbedding, encode_latent, image_tensor
-from fp_ray.models import Components
+from fp_ray.devices import DevicePolicy
+from fp_ray.models import TRANSFORMERS, Components, ModelSpec
 
 # lllyasviel/FramePackI2V_HY transformer/config.json (HunyuanVideo 13B + image projection + clean-x embedder)
 FRAMEPACK_I2V_HY = {
@@ -98,7 +99,10 @@ def build_components(setup: Setup) -> Components:
             vae = AutoencoderKLHunyuanVideo.from_config(HUNYUAN_VIDEO_VAE)
     for module in (transformer, vae):
         module.eval().requires_grad_(False)
-    return Components(transformer, vae, None, None, None, None, None, None, dict(SCHEDULER), torch.device(setup.device))
+    device = torch.device(setup.device)
+    policy = DevicePolicy(device, transformer.dtype, torch.float16 if device.type == "cuda" else torch.float32, vae.dtype, "resident")
+    spec = ModelSpec(str(TINY_CHECKPOINT) if setup.tiny else TRANSFORMERS["inverted"], device=setup.device, memory="resident")
+    return Components(transformer, vae, None, None, None, None, None, None, dict(SCHEDULER), policy=policy, spec=spec)
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -64,7 +64,7 @@ def batch_throughput(generators: int, rows: int, steps: int, tmp: Path) -> dict:
     manifest.write_text("".join(json.dumps({"id": f"g{generators}-{i}", "prompt": "a quiet valley", "image": str(SAMPLE_IMAGE),
                                             "seconds": 2.4, "size": "64x48", "steps": steps, "seed": i}) + "\n" for i in range(rows)))
     config = BatchConfig(generators=(generators, generators), decoders=(2, 2),
-                         pools=PoolConfig(generator_gpus=1, decoder_gpus=0, cpus=1))
+                         pools=PoolConfig(generator_gpus=1, decoder_gpus=0, encoder_gpus=0, cpus=1))
     t = time.perf_counter()
     records = run_batch(str(manifest), str(tmp / f"out{generators}"), str(TINY_CHECKPOINT), config)
     wall = time.perf_counter() - t
@@ -87,7 +87,7 @@ def main() -> None:
     local = summarize(section_walls(request, LocalPools.from_components(cached_components(str(TINY_CHECKPOINT)))))
 
     ray.init(num_cpus=4, num_gpus=2, log_to_driver=False)
-    pools = RayPools(str(TINY_CHECKPOINT), PoolConfig(generators=1, decoders=1, generator_gpus=1, decoder_gpus=0))
+    pools = RayPools(str(TINY_CHECKPOINT), PoolConfig(generators=1, decoders=1, generator_gpus=1, decoder_gpus=0, encoder_gpus=0))
     pools.wait_ready()
     section_walls(request, pools)  # warm: first calls import and allocate
     on_ray = summarize(section_walls(request, pools))

@@ -1,7 +1,7 @@
 """Ray actors over the workers, and the pools the coordinator runs a render on.
 
-Generators hold the transformer (one GPU each by default), decoders the tiled VAE
-(fractional GPUs), encoders the text/image encoders. Actors restart after a crash
+Generators hold the transformer (one GPU each by default), decoders the tiled VAE and
+encoders the text/image encoders (half a GPU each). Actors restart after a crash
 (`max_restarts`); the task that was running fails and the coordinator retries it.
 """
 
@@ -18,37 +18,63 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from .coordinator import WorkerLost
 from .encode import Conditioning, Encoded
+from .models import ModelSpec
+from .placement import check_placement
 from .request import RenderRequest
 from .schedule import Plan
 from .speed import SpeedOptions
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, SectionOutOfMemory
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """How many of each actor, and what each one asks the cluster for. GPUs None: one per
-    generator and half per decoder when the cluster has GPUs, none on a CPU-only cluster."""
+    """How many of each actor, what each one asks the cluster for (declared here, never read
+    from the cluster: a cluster at zero GPU nodes is asked for the right ones), and how the
+    actors load their models. On a GPU: one per generator, half for a decoder and for an
+    encoder (encoders run fp16 on the GPU, as everywhere). `device="cpu"` asks for none."""
 
     generators: int = 1
     decoders: int = 1
     encoders: int = 1
-    generator_gpus: float | None = None
-    decoder_gpus: float | None = None
-    encoder_gpus: float | None = 0
+    generator_gpus: float = 1.0
+    decoder_gpus: float = 0.5
+    encoder_gpus: float = 0.5
     cpus: float = 0.5  # per actor: GPU actors need little CPU, and 4 actors still fit on 2 cores
-    resources: dict[str, dict[str, float]] = field(default_factory=dict)  # {"generator": {"H100": 1}}
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)  # {"generator": {"fp_generator": 1}}
     max_restarts: int = 3
-    dtype: str | None = None  # transformer precision; None: bf16 on GPU, fp32 on CPU
+    autoscaling: bool = False  # the cluster adds nodes on demand: wait for them rather than fail
+    # how the actors load: see models.ModelSpec
+    device: str | None = None
+    dtype: str | None = None
+    memory: str = "auto"
+    base: str | None = None
+    image_encoder: str | None = None
+    force_schedule: bool = False
     speed: SpeedOptions | None = None  # compile / attention backend / fp8 of the generators
 
+    @classmethod
+    def one_machine(cls, gpus: int, **fields) -> "PoolConfig":
+        """The asks for a Ray that fp-ray starts on this machine with `gpus` GPUs: none on a
+        CPU-only machine; on one GPU, every actor shares it (the memory mode keeps them in
+        its memory)."""
+        if gpus == 0:
+            return cls(**{**fields, "device": fields.get("device") or "cpu"})
+        if gpus == 1:
+            n = fields.get("encoders", 1) + fields.get("generators", 1) + fields.get("decoders", 1)
+            share = {f"{kind}_gpus": 1.0 / n for kind in ("generator", "decoder", "encoder")}
+            return cls(**{**share, **fields})
+        return cls(**fields)
+
     def gpus(self, kind: str) -> float:
-        chosen = getattr(self, f"{kind}_gpus")
-        if chosen is not None:
-            return chosen
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        return {"generator": 1.0, "decoder": 0.5, "encoder": 0.0}[kind] if has_gpus else 0.0
+        return 0.0 if self.device == "cpu" else getattr(self, f"{kind}_gpus")
+
+    def bundle(self, kind: str, cpus: float | None = None) -> dict[str, float]:
+        return {"CPU": self.cpus if cpus is None else cpus, "GPU": self.gpus(kind), **self.resources.get(kind, {})}
+
+    def spec(self, model: str) -> ModelSpec:
+        return ModelSpec(model, self.base, self.image_encoder, self.device, self.dtype, self.memory, self.force_schedule)
 
     def options(self, kind: str) -> dict:
         return dict(
@@ -95,7 +121,8 @@ class ActorQueue:
         self._loop = None
 
     @contextlib.asynccontextmanager
-    async def use(self):
+    async def use(self, avoid: list | None = None):
+        """An idle actor, other than those in `avoid` while another one exists."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # one queue per event loop (each asyncio.run gets a fresh one)
             self._loop, self._idle = loop, asyncio.Queue()
@@ -104,6 +131,10 @@ class ActorQueue:
         if not self.actors:
             raise WorkerLost(f"every {self.kind} actor has died")
         actor = await self._idle.get()
+        while avoid and actor in avoid and any(a not in avoid for a in self.actors):
+            self._idle.put_nowait(actor)  # back in line; wait for one of the others to be idle
+            await asyncio.sleep(self.RESTART_POLL_S)
+            actor = await self._idle.get()
         if actor is None:  # the last actor died while this render waited
             self._idle.put_nowait(None)
             raise WorkerLost(f"every {self.kind} actor has died")
@@ -137,14 +168,15 @@ class ActorQueue:
 class RayPools:
     """Encoder, generator and decoder actors for `model` on the connected Ray cluster."""
 
-    def __init__(self, model: str, config: PoolConfig = PoolConfig(), device: str | None = None):
+    def __init__(self, model: str, config: PoolConfig = PoolConfig()):
         self.config = config
-        self.encoders = [EncoderActor.options(**config.options("encoder")).remote(model, device) for _ in range(config.encoders)]
-        self.generators = [
-            GeneratorActor.options(**config.options("generator")).remote(model, device, config.dtype, speed=config.speed)
-            for _ in range(config.generators)
-        ]
-        self.decoders = [DecoderActor.options(**config.options("decoder")).remote(model, device) for _ in range(config.decoders)]
+        check_placement({kind: (getattr(config, f"{kind}s"), config.bundle(kind)) for kind in ("encoder", "generator", "decoder")},
+                        config.autoscaling)
+        spec = config.spec(model)
+        self.encoders = [EncoderActor.options(**config.options("encoder")).remote(spec) for _ in range(config.encoders)]
+        self.generators = [GeneratorActor.options(**config.options("generator")).remote(spec, speed=config.speed)
+                           for _ in range(config.generators)]
+        self.decoders = [DecoderActor.options(**config.options("decoder")).remote(spec) for _ in range(config.decoders)]
         self._queues = {kind: ActorQueue(kind, getattr(self, kind)) for kind in ("encoders", "generators", "decoders")}
 
     def wait_ready(self, notify=None, every_s: float = 30.0) -> list[str]:
@@ -166,12 +198,21 @@ class RayPools:
             return await actor.encode.remote(request, images)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
-        try:
-            async with self._queues["generators"].use() as actor:
-                async for ref in actor.generate.remote(job):
-                    yield await ref
-        except LOST as e:
-            raise WorkerLost(f"generator actor lost during section {job.position}: {type(e).__name__}") from e
+        """A section on an idle generator; one that runs out of GPU memory is tried once more
+        on another generator (its memory may be free-er: another mode, a bigger card)."""
+        tried = []
+        while True:
+            try:
+                async with self._queues["generators"].use(avoid=tried) as actor:
+                    tried.append(actor)
+                    async for ref in actor.generate.remote(job):
+                        yield await ref
+                return
+            except LOST as e:
+                raise WorkerLost(f"generator actor lost during section {job.position}: {type(e).__name__}") from e
+            except SectionOutOfMemory:
+                if len(tried) > 1 or len(self.generators) < 2:
+                    raise
 
     async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
         for _ in range(self.config.max_restarts):

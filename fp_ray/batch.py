@@ -30,11 +30,14 @@ from .actors import PoolConfig
 from .coordinator import generate_sections
 from .decode import assemble, to_frames
 from .encode import decode_image, read_request_images, request_fingerprint
+from .models import ModelSpec
+from .placement import check_placement
 from .render import LocalPools
 from .request import RenderRequest, excerpt, make_request, parse_size
+from .speed import SpeedOptions
 from .storage import SAFE_ID, SectionStore, exists, is_uri, join, read_bytes, write_bytes
 from .video import write_mp4
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionOutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class BatchConfig:
     """Actor pool sizes (min, max: Ray Data grows a pool up to max while work is queued) and
-    what each actor asks for. Generators get a GPU each when the cluster has GPUs."""
+    what each actor asks for and how it loads (`pools`: declared GPUs, device, memory mode,
+    sources)."""
 
     encoders: tuple[int, int] = (1, 1)
     generators: tuple[int, int] = (1, 1)
@@ -257,8 +261,8 @@ class RowStage:
 class EncodeStage(RowStage):
     name = "encode"
 
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = EncoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = EncoderWorker(spec)
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         t = time.perf_counter()
@@ -270,8 +274,8 @@ class EncodeStage(RowStage):
 class GenerateStage(RowStage):
     name = "generate"
 
-    def __init__(self, model: str, store: str, device: str | None = None, dtype: str | None = None, speed=None):
-        self.pools = LocalPools(generator=GeneratorWorker(model, device, dtype, speed=speed))
+    def __init__(self, spec: ModelSpec, store: str, speed: SpeedOptions | None = None):
+        self.pools = LocalPools(generator=GeneratorWorker(spec, speed=speed))
         self.store = SectionStore(store)
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
@@ -287,8 +291,8 @@ class DecodeStage(RowStage):
 
     name = "decode"
 
-    def __init__(self, model: str, out: str, device: str | None = None):
-        self.worker = DecoderWorker(model, device)
+    def __init__(self, spec: ModelSpec, out: str):
+        self.worker = DecoderWorker(spec)
         self.out = out
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
@@ -348,24 +352,30 @@ def check_manifest(manifest: str, out: str, model: str) -> list[dict]:
 
 
 def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchConfig(), store: str | None = None,
-              device: str | None = None, checked: list[dict] | None = None) -> list[dict]:
+              checked: list[dict] | None = None) -> list[dict]:
     """Render every row of `manifest` into `out` ({id}.mp4, records/{id}.json, results.parquet).
     Returns the records in manifest order. `checked`: the rows `check_manifest` returned, when
-    the caller checked the manifest before starting Ray. Needs a connected Ray (ray.init)."""
-    checked = checked if checked is not None else check_manifest(manifest, out, model)
-    store = store or join(out, "sections")
+    the caller checked the manifest before starting Ray. Needs a connected Ray (ray.init).
+    Devices, sources, memory mode and speed options of the stages: `config.pools`."""
     pools = config.pools
+    checked = checked if checked is not None else check_manifest(manifest, out, model)
+    check_placement({"encoder": (max(1, config.encoders[0]), pools.bundle("encoder", config.encoder_cpus)),
+                     "generator": (max(1, config.generators[0]), pools.bundle("generator")),
+                     "decoder": (max(1, config.decoders[0]), pools.bundle("decoder", config.decoder_cpus))},
+                    pools.autoscaling)
+    spec = pools.spec(model)
+    store = store or join(out, "sections")
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
     records = {r["id"]: r["record"] for r in checked}
     todo = [{**r, "record": json.dumps(r["record"])} for r in checked if r["payload"] is not None]
     if todo:
         rendered = (
             ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
-            .map_batches(EncodeStage, fn_constructor_args=(model, device), compute=_pool(config.encoders),
-                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, **common)
-            .map_batches(GenerateStage, fn_constructor_args=(model, store, device, pools.dtype, pools.speed), compute=_pool(config.generators),
+            .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
+                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
+            .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
                          num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-            .map_batches(DecodeStage, fn_constructor_args=(model, out, device), compute=_pool(config.decoders),
+            .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
                          num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
             .select_columns(["id", "record"])
         )

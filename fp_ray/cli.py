@@ -12,11 +12,14 @@ from pathlib import Path
 from . import __version__
 from .coordinator import RenderFailed
 from .encode import ImageError, load_image
-from .models import ModelNotFoundError, ModelSources
+from .devices import MEMORY_MODES, MemoryModeError
+from .models import ModelNotFoundError, ModelSources, ModelSpec
+from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
 from .speed import FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
 from .storage import StorageError, is_uri
+from .workers import SectionOutOfMemory
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
@@ -114,11 +117,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print("waves: " + "  ".join(f"[{', '.join(str(s.position) for s in w)}]" for w in plan.waves()))
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """How the models load, the same for every command (models.ModelSpec)."""
+    p.add_argument("--device", help="torch device (default: cuda where the worker sees one, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--memory", choices=MEMORY_MODES, default="auto",
+                   help="resident | swap (encoders leave the GPU after encoding) | offload (block by block); "
+                        "default auto: by free GPU memory")
+    p.add_argument("--base", help="text encoders, tokenizers, VAE: folder or hub id (default: env FP_RAY_BASE_MODEL, "
+                                  "else hunyuanvideo-community/HunyuanVideo)")
+    p.add_argument("--image-encoder", help="SigLIP: folder or hub id (default: env FP_RAY_IMAGE_ENCODER, else lllyasviel/flux_redux_bfl)")
+    p.add_argument("--force-schedule", action="store_true", help="run a schedule the checkpoint was not trained for")
+
+
+def load_spec(args: argparse.Namespace, model: str) -> ModelSpec:
+    return ModelSpec(model, args.base, args.image_encoder, args.device, DTYPES.get(args.dtype), args.memory, args.force_schedule)
+
+
 def cmd_render(args: argparse.Namespace) -> None:
-    import torch
     from tqdm import tqdm
 
-    from .models import load_components
     from .render import render
     from .speed import apply_speed
     from .storage import SectionStore
@@ -129,6 +147,8 @@ def cmd_render(args: argparse.Namespace) -> None:
         writable_folder(args.previews, "--previews")
     if args.store and not is_uri(args.store):
         writable_folder(args.store, "--store")
+    spec = load_spec(args, request.model).for_schedule(request.schedule)  # a hub id: the matching transformer
+    spec.check(request.schedule)
     store = SectionStore(args.store) if args.store else None
     bars: dict[str, tqdm] = {}
 
@@ -155,13 +175,12 @@ def cmd_render(args: argparse.Namespace) -> None:
         from .coordinator import run_render
 
         connect(args.address)
-        pools = RayPools(request.model, pool_config(args), args.device)
+        pools = RayPools(spec.model, pool_config(args))
         pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
         result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
                                         preview_dir=args.previews))
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        components = load_components(request.model, device, DTYPES.get(args.dtype))
+        components = spec.load()
         apply_speed(components.transformer, speed_from_args(args))
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
                         request_id=args.id)
@@ -236,10 +255,13 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generators", type=pool_size, default=(1, 1), help="generator actors: N or MIN-MAX (default 1)")
     p.add_argument("--decoders", type=pool_size, default=(1, 1), help="decoder actors: N or MIN-MAX (default 1)")
     p.add_argument("--encoders", type=pool_size, default=(1, 1), help="encoder actors: N or MIN-MAX (default 1)")
-    p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default: 0.5 if the cluster has GPUs, else 0)")
-    p.add_argument("--encoder-gpus", type=float, default=0, help="GPUs per encoder (default 0)")
-    for kind in ("generator", "decoder"):
+    p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default 1)")
+    p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default 0.5)")
+    p.add_argument("--encoder-gpus", type=float, help="GPUs per encoder (default 0.5; none of them with --device cpu; "
+                   "a Ray fp-ray starts itself on a machine with one GPU shares it among all actors, on none uses the CPU)")
+    p.add_argument("--autoscaling", action="store_true",
+                   help="the cluster adds nodes on demand: wait for actors no node fits yet instead of failing")
+    for kind in ("generator", "decoder", "encoder"):
         p.add_argument(f"--{kind}-resource", action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
@@ -250,20 +272,27 @@ def pool_config(args: argparse.Namespace):
     from .actors import PoolConfig
 
     resources: dict[str, dict[str, float]] = {}
-    for kind in ("generator", "decoder"):
+    for kind in ("generator", "decoder", "encoder"):
         for item in getattr(args, f"{kind}_resource"):
             name, _, amount = item.partition("=")
             try:
                 resources.setdefault(kind, {})[name] = float(amount or 1)
             except ValueError:
                 raise CliError(f"--{kind}-resource: expected NAME=AMOUNT, got {item!r}") from None
-    return PoolConfig(
+    fields = dict(
         generators=args.generators[1], decoders=args.decoders[1], encoders=args.encoders[1],
-        generator_gpus=args.generator_gpus, decoder_gpus=args.decoder_gpus, encoder_gpus=args.encoder_gpus,
-        resources=resources, max_restarts=args.max_restarts,
-        dtype=DTYPES.get(getattr(args, "dtype", None)),
+        resources=resources, max_restarts=args.max_restarts, autoscaling=args.autoscaling,
+        device=args.device, dtype=DTYPES.get(args.dtype), memory=args.memory, base=args.base,
+        image_encoder=args.image_encoder, force_schedule=args.force_schedule,
+        **{f"{kind}_gpus": getattr(args, f"{kind}_gpus") for kind in ("generator", "decoder", "encoder")
+           if getattr(args, f"{kind}_gpus") is not None},
         speed=speed_from_args(args),
     )
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return PoolConfig(**fields)
+    import torch  # a Ray fp-ray starts here: its GPUs are this machine's
+
+    return PoolConfig.one_machine(torch.cuda.device_count(), **fields)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -279,7 +308,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     connect(args.address)
     config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
-    records = run_batch(args.manifest, args.out, args.model, config, store=args.store, device=args.device, checked=checked)
+    records = run_batch(args.manifest, args.out, args.model, config, store=args.store, checked=checked)
     ok = [r for r in records if r["status"] == "ok"]
     reused = [r for r in ok if r["reused"]]
     for r in records:
@@ -302,6 +331,19 @@ def cmd_job(args: argparse.Namespace) -> None:
     job_command(args)
 
 
+def serve_gpus(args: argparse.Namespace) -> dict[str, float]:
+    """GPUs per deployment when fp-ray starts Ray on this machine (a cluster: its YAML)."""
+    if args.address or os.environ.get("RAY_ADDRESS") or args.device == "cpu":
+        return {}
+    import torch
+
+    from .actors import PoolConfig
+
+    gpus = torch.cuda.device_count()
+    config = PoolConfig.one_machine(gpus)
+    return {name: config.gpus(kind) for name, kind in (("Encoder", "encoder"), ("Generator", "generator"), ("Decoder", "decoder"))} if gpus else {}
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ray import serve
 
@@ -316,7 +358,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ModelSources.resolve(args.model)
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": token})
+    app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": token,
+                     "device": args.device, "dtype": DTYPES.get(args.dtype), "memory": args.memory, "base": args.base,
+                     "image_encoder": args.image_encoder, "force_schedule": args.force_schedule,
+                     "num_gpus": serve_gpus(args)})
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
@@ -355,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     add_request_args(p_render)
     p_render.add_argument("--out", default="video.mp4", help="output mp4 (default %(default)s)")
     p_render.add_argument("--previews", help="folder for one preview mp4 per decoded section")
-    p_render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p_render.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision (default: bf16 on GPU, fp32 on CPU)")
+    add_load_args(p_render)
     p_render.set_defaults(func=cmd_render)
     p_render.add_argument("--ray", action="store_true", help="render on a Ray cluster's actors (see --address)")
     p_render.add_argument("--store", help="section checkpoints: a folder or URI (a restarted render reuses them)")
@@ -369,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p_batch.add_argument("--out", required=True, help="folder or URI for {id}.mp4, records/ and results.parquet")
     p_batch.add_argument("--model", default=RenderRequest.model_fields["model"].default, help="checkpoint (default: tiny)")
     p_batch.add_argument("--store", help="section checkpoints (default: OUT/sections)")
-    p_batch.add_argument("--device", help="torch device in the actors (default: cuda if they see one, else cpu)")
-    p_batch.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision")
+    add_load_args(p_batch)
     add_pool_args(p_batch)
     add_speed_args(p_batch)
     p_batch.set_defaults(func=cmd_batch)
@@ -399,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    add_load_args(p_serve)
     p_serve.set_defaults(func=cmd_serve)
 
     p_plan = sub.add_parser("plan", help="print the section plan of a request")
@@ -413,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(args.verbose)
     try:
         return args.func(args) or 0
-    except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, SpeedOptionError) as e:
+    except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, PlacementError, MemoryModeError,
+            SpeedOptionError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    except RenderFailed as e:
+    except (RenderFailed, SectionOutOfMemory) as e:  # the input was fine; the render could not finish
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -81,6 +81,7 @@ def section_steps(
         text=trim_text(cond.text[section.prompt]),
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),
+        device=components.device,
     )
     with step_cache(components.transformer, cache_threshold):
         for step, total, latents in run:

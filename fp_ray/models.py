@@ -1,10 +1,12 @@
-"""Checkpoint loading: every component through `from_pretrained`, local folder or hub id."""
+"""Checkpoint loading: every component through `from_pretrained`, local folder or hub id,
+placed by the device policy (`devices.py`)."""
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,25 +19,74 @@ try:  # transformers >= 5: the PIL backend by name, so SigLIP preprocessing is t
 except ImportError:  # transformers 4: SiglipImageProcessor is the PIL one
     from transformers import SiglipImageProcessor
 
+from .devices import DevicePolicy, choose_policy
+from .request import RequestError
+
 BASE_MODEL = "hunyuanvideo-community/HunyuanVideo"  # text encoders, tokenizers, VAE, scheduler
 IMAGE_ENCODER_MODEL = "lllyasviel/flux_redux_bfl"  # SigLIP + its processor
+# Where a cluster keeps them instead (a local copy or a mirror): these variables, or the
+# --base / --image-encoder options, which win over them.
+BASE_ENV, IMAGE_ENCODER_ENV = "FP_RAY_BASE_MODEL", "FP_RAY_IMAGE_ENCODER"
 TRANSFORMERS = {"inverted": "lllyasviel/FramePackI2V_HY", "forward": "lllyasviel/FramePack_F1_I2V_HY_20250503"}
+TRAINED_ORDER = {"inverted": "inverted", "bidirectional": "inverted", "forward": "forward"}  # schedule -> checkpoint
 
 
 DEFAULT_RESOLUTION = 640  # the official demo's bucket
 
 
+def _declared(model: str) -> dict:
+    """The folder's fp_ray.json: what a checkpoint declares about itself."""
+    meta = Path(model).expanduser() / "fp_ray.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def default_resolution(model: str) -> int:
     """The bucket side a checkpoint renders at when a request names no size: the official
     640, unless the folder's fp_ray.json says otherwise (the tiny checkpoint: small, for CPUs)."""
-    meta = Path(model).expanduser() / "fp_ray.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text()).get("default_resolution", DEFAULT_RESOLUTION))
-    return DEFAULT_RESOLUTION
+    return int(_declared(model).get("default_resolution", DEFAULT_RESOLUTION))
 
 
 class ModelNotFoundError(FileNotFoundError):
     """A model folder or hub id that cannot be loaded."""
+
+
+class ScheduleMismatchError(RequestError):
+    """A schedule the checkpoint was not trained for (forward on the I2V checkpoint, ...)."""
+
+
+def transformer_for(model: str, schedule: str) -> str:
+    """With a released transformer's hub id, the one trained for `schedule`; else `model`."""
+    return TRANSFORMERS[TRAINED_ORDER[schedule]] if model in TRANSFORMERS.values() else model
+
+
+def trained_schedules(model: str) -> list[str] | None:
+    """The schedules a checkpoint is made for, from (in order) its fp_ray.json `schedules`,
+    a released hub id, or a folder named as a released repo (what `huggingface-cli download
+    --local-dir /models/NAME` gives); None when nothing says."""
+    declared = _declared(model).get("schedules")
+    if declared is not None:
+        return list(declared)
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    for order, repo in TRANSFORMERS.items():
+        if model == repo or name == repo.rsplit("/", 1)[-1]:
+            return [s for s, o in TRAINED_ORDER.items() if o == order]
+    return None
+
+
+def check_schedule(model: str, schedule: str, force: bool = False) -> None:
+    """A clear error when `schedule` is not what the checkpoint was trained for, unless forced."""
+    allowed = trained_schedules(model)
+    if force or allowed is None or schedule in allowed:
+        return
+    other = TRANSFORMERS[TRAINED_ORDER[schedule]]
+    raise ScheduleMismatchError(
+        f"schedule: {model} is made for {' / '.join(allowed)}, not {schedule}; use --model {other} "
+        f"(or a folder of it), or --force-schedule to run it anyway")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE, read at load time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -47,10 +98,12 @@ class ModelSources:
     image_encoder: str
 
     @classmethod
-    def resolve(cls, model: str, base: str = BASE_MODEL, image_encoder: str = IMAGE_ENCODER_MODEL) -> "ModelSources":
+    def resolve(cls, model: str, base: str | None = None, image_encoder: str | None = None) -> "ModelSources":
         """A folder holding `transformer/` carries every component (the tiny checkpoint's
         layout); otherwise `model` is the transformer alone and the rest come from `base`
-        and `image_encoder`."""
+        and `image_encoder` (None: $FP_RAY_BASE_MODEL / $FP_RAY_IMAGE_ENCODER, else the hub)."""
+        base = base or os.environ.get(BASE_ENV) or BASE_MODEL
+        image_encoder = image_encoder or os.environ.get(IMAGE_ENCODER_ENV) or IMAGE_ENCODER_MODEL
         path = Path(model).expanduser()
         if (path / "transformer").is_dir():
             return cls((str(path), "transformer"), str(path), str(path))
@@ -62,6 +115,7 @@ class ModelSources:
 
 
 PARTS = ("transformer", "vae", "encoders")  # what a worker may load: generator, decoder, encoder
+ENCODERS = ("text_encoder", "text_encoder_2", "image_encoder")
 
 
 @dataclass
@@ -77,73 +131,106 @@ class Components:
     image_encoder: SiglipVisionModel | None
     feature_extractor: SiglipImageProcessor | None
     scheduler_config: dict
-    device: torch.device
+    policy: DevicePolicy
+    spec: "ModelSpec"  # how it was loaded: the checkpoint a worker checks schedules against
+    offload_hooks: dict = field(default_factory=dict)  # name -> accelerate hook (swap, offload)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models compute (their weights may sit in host RAM between uses)."""
+        return self.policy.device
 
     @property
     def transformer_dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-
-def default_dtypes(device: torch.device) -> dict[str, torch.dtype]:
-    """The official demo's precisions on GPU (bf16 transformer, fp16 encoders and VAE); fp32 on CPU."""
-    if device.type == "cpu":
-        return {"transformer": torch.float32, "encoders": torch.float32, "vae": torch.float32}
-    return {"transformer": torch.bfloat16, "encoders": torch.float16, "vae": torch.float16}
+    def release_encoders(self) -> None:
+        """Send the encoders (and the VAE, which encoded the images) back to host RAM:
+        what swap and offload do once a request is encoded. Resident: nothing to do."""
+        for name in ENCODERS + ("vae",):
+            if name in self.offload_hooks:
+                self.offload_hooks[name].offload()
 
 
 def _load(cls, repo: str, subfolder: str | None, **kwargs):
+    if offline():
+        kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(repo, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as e:
         where = f"{repo}/{subfolder}" if subfolder else repo
-        raise ModelNotFoundError(f"cannot load {cls.__name__} from {where}: {str(e).splitlines()[0]}") from e
+        hint = " (HF_HUB_OFFLINE is set: only local folders and the hub cache are read)" if offline() else ""
+        raise ModelNotFoundError(f"cannot load {cls.__name__} from {where}{hint}: {str(e).splitlines()[0]}") from e
+
+
+def _place(components: Components, name: str, module: torch.nn.Module) -> None:
+    """Put a loaded model where the memory mode wants it, with the libraries' offloading."""
+    from accelerate import cpu_offload_with_hook
+
+    module.eval().requires_grad_(False)
+    policy = components.policy
+    if policy.memory == "resident":
+        module.to(policy.device)  # a no-op where from_pretrained already loaded onto the device
+        return
+    if policy.memory == "offload" and name in ("transformer", "text_encoder"):
+        from diffusers.hooks import apply_group_offloading
+
+        # One block on the device at a time; a side stream fetches the next during compute.
+        apply_group_offloading(module, onload_device=policy.device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1,
+                               use_stream=policy.device.type == "cuda")
+        return
+    _, components.offload_hooks[name] = cpu_offload_with_hook(module, policy.device)
 
 
 def load_components(
     model: str,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     transformer_dtype: torch.dtype | str | None = None,
-    base: str = BASE_MODEL,
-    image_encoder: str = IMAGE_ENCODER_MODEL,
+    base: str | None = None,
+    image_encoder: str | None = None,
     vae_tile_size: int = 256,
     parts: tuple[str, ...] = PARTS,
+    memory: str = "auto",
+    policy: DevicePolicy | None = None,
 ) -> Components:
     """Load a FramePack checkpoint, or only the `parts` a worker needs: "transformer"
     (generators), "vae" (decoders), "encoders" (Llama, CLIP, SigLIP; encoders also need
-    "vae"). The VAE decodes in spatial tiles of `vae_tile_size` pixels, bounding decode
-    memory at any resolution (smaller frames are not tiled)."""
+    "vae"). Device, precisions and memory mode follow `policy` (default: `choose_policy`
+    of `device`, `transformer_dtype`, `memory`). The VAE decodes in spatial tiles of
+    `vae_tile_size` pixels, bounding decode memory at any resolution."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
-    device = torch.device(device)
-    if isinstance(transformer_dtype, str):
-        transformer_dtype = getattr(torch, transformer_dtype)
+    policy = policy or choose_policy(device, transformer_dtype, memory)
     sources = ModelSources.resolve(model, base, image_encoder)
-    dtypes = default_dtypes(device)
-    enc = dtypes["encoders"]
+    # Resident models on a GPU load straight onto it: no host-RAM copy of the weights.
+    direct = {"device_map": str(policy.device)} if policy.on_gpu and policy.memory == "resident" else {}
+    enc = dict(torch_dtype=policy.encoder_dtype, **direct)
     loaded: dict[str, object] = dict.fromkeys(
         ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor")
     )
     if "transformer" in parts:
-        loaded["transformer"] = _load(
-            HunyuanVideoFramepackTransformer3DModel, *sources.transformer, torch_dtype=transformer_dtype or dtypes["transformer"]
-        )
+        loaded["transformer"] = _load(HunyuanVideoFramepackTransformer3DModel, *sources.transformer,
+                                      torch_dtype=policy.transformer_dtype, **direct)
     if "vae" in parts:
-        loaded["vae"] = _load(AutoencoderKLHunyuanVideo, sources.base, "vae", torch_dtype=dtypes["vae"])
+        loaded["vae"] = _load(AutoencoderKLHunyuanVideo, sources.base, "vae", torch_dtype=policy.vae_dtype, **direct)
         loaded["vae"].enable_tiling(tile_sample_min_height=vae_tile_size, tile_sample_min_width=vae_tile_size)
     if "encoders" in parts:
         loaded.update(
-            text_encoder=_load(LlamaModel, sources.base, "text_encoder", torch_dtype=enc),
+            text_encoder=_load(LlamaModel, sources.base, "text_encoder", **enc),
             tokenizer=_load(AutoTokenizer, sources.base, "tokenizer"),
-            text_encoder_2=_load(CLIPTextModel, sources.base, "text_encoder_2", torch_dtype=enc),
+            text_encoder_2=_load(CLIPTextModel, sources.base, "text_encoder_2", **enc),
             tokenizer_2=_load(AutoTokenizer, sources.base, "tokenizer_2"),
-            image_encoder=_load(SiglipVisionModel, sources.image_encoder, "image_encoder", torch_dtype=enc),
+            image_encoder=_load(SiglipVisionModel, sources.image_encoder, "image_encoder", **enc),
             feature_extractor=_load(SiglipImageProcessor, sources.image_encoder, "feature_extractor"),
         )
-    components = Components(**loaded, scheduler_config=_scheduler_config(sources.base), device=device)
-    for module in (components.transformer, components.vae, components.text_encoder, components.text_encoder_2, components.image_encoder):
-        if module is not None:
-            module.to(device).eval().requires_grad_(False)
+    spec = ModelSpec(model, base, image_encoder, str(policy.device), str(policy.transformer_dtype).removeprefix("torch."),
+                     policy.memory)
+    components = Components(**loaded, scheduler_config=_scheduler_config(sources.base), policy=policy, spec=spec)
+    for name in ("transformer", "vae") + ENCODERS:
+        if getattr(components, name) is not None:
+            _place(components, name, getattr(components, name))
     return components
 
 
@@ -153,7 +240,35 @@ def _scheduler_config(base: str) -> dict:
     return dict(_load(FlowMatchEulerDiscreteScheduler, base, "scheduler").config)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides how a worker loads its models, in every path (CLI, Ray
+    actors, batch stages, Serve replicas): the checkpoint, where the base and the image
+    encoder come from, and the device policy's inputs (resolved on the worker's machine)."""
+
+    model: str
+    base: str | None = None
+    image_encoder: str | None = None
+    device: str | None = None
+    dtype: str | None = None  # transformer precision; None: the policy's
+    memory: str = "auto"
+    force_schedule: bool = False
+
+    def for_schedule(self, schedule: str) -> "ModelSpec":
+        """The spec whose transformer matches `schedule` (a released hub id picks the right one)."""
+        return replace(self, model=transformer_for(self.model, schedule))
+
+    def check(self, schedule: str) -> None:
+        check_schedule(self.model, schedule, self.force_schedule)
+
+    def load(self, parts: tuple[str, ...] = PARTS) -> Components:
+        components = load_components(self.model, self.device, self.dtype, self.base, self.image_encoder,
+                                     parts=parts, memory=self.memory)
+        components.spec = replace(components.spec, force_schedule=self.force_schedule)
+        return components
+
+
 @functools.lru_cache(maxsize=2)
-def cached_components(model: str, device: str = "cpu") -> Components:
-    """One resident copy per process (CLI, tests, actors)."""
+def cached_components(model: str, device: str | None = None) -> Components:
+    """One copy per process (the library call, tests), placed by the default policy."""
     return load_components(model, device)

@@ -36,7 +36,7 @@ class LocalPools:
 
     @classmethod
     def from_components(cls, c: Components) -> "LocalPools":
-        return cls(EncoderWorker("", components=c), GeneratorWorker("", components=c), DecoderWorker("", components=c))
+        return cls(EncoderWorker(components=c), GeneratorWorker(components=c), DecoderWorker(components=c))
 
     async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         return await asyncio.to_thread(self.encoder.encode, request, images)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -10,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import SAMPLE_IMAGE, TINY_CHECKPOINT
+from .buckets import nearest_bucket
 from .schedule import SCHEDULES
 
 MAX_SECONDS = 600.0
@@ -61,11 +61,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def bucket_size(image_width: int, image_height: int, resolution: int) -> tuple[int, int]:
-    """(width, height), multiples of 16, about resolution^2 pixels, the image's aspect ratio."""
-    scale = resolution / math.sqrt(image_width * image_height)
-    w = max(MIN_SIDE, round(image_width * scale / 16) * 16)
-    h = max(MIN_SIDE, round(image_height * scale / 16) * 16)
-    return w, h
+    """(width, height): the official demo's bucket nearest the image's aspect ratio, from its
+    640 table scaled to `resolution`."""
+    return nearest_bucket(image_width, image_height, resolution)
 
 
 class RenderRequest(BaseModel):

@@ -1,8 +1,9 @@
-"""Per-section flow-matching sampling with diffusers schedulers.
+"""Per-section flow-matching sampling.
 
 euler: FlowMatchEulerDiscreteScheduler from the checkpoint's scheduler config, driven
 exactly as diffusers' HunyuanVideoFramepackPipeline drives it.
-unipc: UniPC (bh1) on flow sigmas, shifted by mu = min(flux mu, ln 7), as the official demo.
+unipc: the official demo's FlowMatch UniPC (`unipc.py`) on flow sigmas shifted by
+mu = min(flux mu, ln 7).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .encode import TextEmbedding
 from .packing import PackedIndices
+from .unipc import flow_sigmas, sample as unipc_sample
 
 SAMPLERS = ("unipc", "euler")
 MAX_SHIFT_EXP = 7.0
@@ -40,20 +42,6 @@ def flux_mu(sequence_length: float, base_len: int = 256, max_len: int = 4096, ba
     return min(mu, math.log(MAX_SHIFT_EXP))
 
 
-def make_scheduler(sampler: str, scheduler_config: dict):
-    if sampler == "euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    if sampler == "unipc":
-        return UniPCMultistepScheduler(
-            num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            use_dynamic_shifting=True,
-            time_shift_type="exponential",
-            solver_type="bh1",
-            solver_order=2,
-        )
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 Draw = tuple[tuple[int, ...], torch.dtype]
@@ -90,37 +78,13 @@ class NoiseStream:
         return randn_tensor(self.shape, generator=self._generator, dtype=torch.float32)
 
 
-@torch.no_grad()
-def denoise(
-    transformer,
-    scheduler_config: dict,
-    sampler: str,
-    steps: int,
-    guidance: float,
-    noise: torch.Tensor,
-    text: TextEmbedding,
-    image_embeds: torch.Tensor,
-    context: PackedContext,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (step, steps, latents) after each sampler step; the last latents are the clean
-    section. A consumer that stops iterating stops the work between two steps."""
-    device, dtype = transformer.device, transformer.dtype
-    scheduler = make_scheduler(sampler, scheduler_config)
-    patch = transformer.config.patch_size
-    _, _, frames, height, width = noise.shape
-    mu = flux_mu(
-        frames * height * width / patch**2,
-        scheduler_config.get("base_image_seq_len", 256),
-        scheduler_config.get("max_image_seq_len", 4096),
-        scheduler_config.get("base_shift", 0.5),
-        scheduler_config.get("max_shift", 1.15),
-    )
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device, mu=mu)
-    # The transformer is conditioned on sigma * 1000; UniPC's integer timesteps round it.
-    model_times = scheduler.timesteps if sampler == "euler" else scheduler.sigmas[:-1].to(device) * 1000.0
-
+def transformer_inputs(transformer, text: TextEmbedding, image_embeds: torch.Tensor, context: PackedContext,
+                       guidance: float, device: torch.device | None = None) -> dict:
+    """The transformer's keyword arguments that stay fixed over a section's steps, on the
+    device it computes on (`device`: where an offloaded transformer's weights come to)."""
+    device, dtype = device or transformer.device, transformer.dtype
     idx = context.indices
-    fixed = dict(
+    return dict(
         encoder_hidden_states=text.embeds.to(device, dtype),
         encoder_attention_mask=text.mask.to(device, dtype),
         pooled_projections=text.pooled.to(device, dtype),
@@ -135,14 +99,59 @@ def denoise(
         indices_latents_history_4x=idx.history_4x,
         return_dict=False,
     )
+
+
+def x0_prediction(transformer, inputs: dict, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The clean sample the flow model predicts, x0 = x - sigma * v, float32; the model sees
+    x and sigma * 1000 in its own precision, as the official demo's wrapper feeds it."""
+    dtype = transformer.dtype
+    x = x.to(dtype)
+    velocity = transformer(hidden_states=x, timestep=(sigma * 1000.0).to(dtype), **inputs)[0]
+    return x.float() - velocity.float() * sigma.float()
+
+
+def section_mu(transformer, scheduler_config: dict, shape: torch.Size) -> float:
+    _, _, frames, height, width = shape
+    return flux_mu(
+        frames * height * width / transformer.config.patch_size**2,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+
+
+@torch.no_grad()
+def denoise(
+    transformer,
+    scheduler_config: dict,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    noise: torch.Tensor,
+    text: TextEmbedding,
+    image_embeds: torch.Tensor,
+    context: PackedContext,
+    device: torch.device | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (step, steps, latents) after each sampler step; the last latents are the clean
+    section. A consumer that stops iterating stops the work between two steps. `device`:
+    where the transformer computes (default: where its weights are)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    device = device or transformer.device
+    mu = section_mu(transformer, scheduler_config, noise.shape)
+    fixed = transformer_inputs(transformer, text, image_embeds, context, guidance, device)
     latents = noise.to(device)
-    last = len(scheduler.timesteps) - 1
+    if sampler == "unipc":
+        model = lambda x, sigma: x0_prediction(transformer, fixed, x, sigma)  # noqa: E731
+        for i, latents in enumerate(unipc_sample(model, latents, flow_sigmas(steps, mu))):
+            yield i + 1, steps, latents
+        return
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device, mu=mu)
+    dtype = transformer.dtype
     for i, t in enumerate(scheduler.timesteps):
-        velocity = transformer(hidden_states=latents.to(dtype), timestep=model_times[i].expand(1), **fixed)[0]
-        if sampler == "unipc" and i == last:
-            # bh1's step to sigma = 0 divides by log(0); the official sampler instead returns
-            # the model's clean prediction at the last sigma, x0 = x - sigma * v.
-            latents = latents - scheduler.sigmas[i].to(device) * velocity.float()
-        else:
-            latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+        velocity = transformer(hidden_states=latents.to(dtype), timestep=t.expand(1), **fixed)[0]
+        latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
         yield i + 1, steps, latents

@@ -19,7 +19,8 @@ import torch
 from .decode import decode_chunk, decode_input
 from .encode import Conditioning, Encoded, encode_request
 from .generate import noise_stream, section_steps
-from .models import Components, load_components
+from .devices import memory_figures
+from .models import Components, ModelSpec
 from .request import RenderRequest
 from .sampling import NoiseStream
 from .schedule import Plan
@@ -42,8 +43,9 @@ async def iterate_in_thread(items: Iterator) -> AsyncIterator:
         yield item
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+class SectionOutOfMemory(RuntimeError):
+    """A section ran out of GPU memory; the message names the section, the memory mode and
+    the device's memory figures."""
 
 
 def worker_name() -> str:
@@ -67,11 +69,15 @@ class SectionJob:
 class EncoderWorker:
     """Text encoders, SigLIP and the VAE encoder: request -> Encoded."""
 
-    def __init__(self, model: str, device: str | None = None, components: Components | None = None):
-        self.components = components or load_components(model, device or default_device(), parts=("vae", "encoders"))
+    def __init__(self, spec: ModelSpec | None = None, components: Components | None = None):
+        self.components = components or spec.load(("vae", "encoders"))
 
     def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
-        return encode_request(self.components, request, images)
+        self.components.spec.check(request.schedule)
+        try:
+            return encode_request(self.components, request, images)
+        finally:
+            self.components.release_encoders()
 
 
 class GeneratorWorker:
@@ -79,15 +85,8 @@ class GeneratorWorker:
 
     NOISE_STREAMS = 8  # requests whose noise streams are kept warm
 
-    def __init__(
-        self,
-        model: str,
-        device: str | None = None,
-        dtype: str | None = None,
-        components: Components | None = None,
-        speed: SpeedOptions | dict | None = None,
-    ):
-        self.components = components or load_components(model, device or default_device(), dtype, parts=("transformer",))
+    def __init__(self, spec: ModelSpec | None = None, components: Components | None = None, speed: SpeedOptions | dict | None = None):
+        self.components = components or spec.load(("transformer",))
         if speed is not None:  # None: the components run as they were prepared
             apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
         self._noise: OrderedDict[str, NoiseStream] = OrderedDict()
@@ -110,6 +109,7 @@ class GeneratorWorker:
         """Yield {"type": "step"} events, then {"type": "latents", "latents": (1, 16, W, h, w)}.
         With `job.store` the section is checkpointed before it is reported finished."""
         self._cancelled.discard(job.request_id)
+        self.components.spec.check(job.request.schedule)  # the weights this worker holds
         t0 = time.perf_counter()
         section = job.plan.section(job.position)
         r = job.request
@@ -118,11 +118,18 @@ class GeneratorWorker:
             self.components, job.plan, section, job.cond, job.context, self._noise_stream(job),
             sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
         )
-        for step, total, latents in steps:
-            if job.request_id in self._cancelled:
-                steps.close()
-                raise Cancelled(f"render {job.request_id} cancelled at section {job.position}, step {step}")
-            yield {"type": "step", "position": job.position, "step": step, "steps": total, "worker": self.name}
+        try:
+            for step, total, latents in steps:
+                if job.request_id in self._cancelled:
+                    steps.close()
+                    raise Cancelled(f"render {job.request_id} cancelled at section {job.position}, step {step}")
+                yield {"type": "step", "position": job.position, "step": step, "steps": total, "worker": self.name}
+        except torch.OutOfMemoryError as e:
+            policy = self.components.policy
+            raise SectionOutOfMemory(
+                f"section {job.position} ran out of GPU memory on {self.name} in memory mode {policy.memory} "
+                f"({job.plan.latent_width * 8}x{job.plan.latent_height * 8}, window {job.plan.window}): "
+                f"{memory_figures(policy.device)}; try --memory offload or a smaller size") from e
         if job.store is not None:
             SectionStore(job.store).save(job.request_id, job.fingerprint, job.position, latents)
         yield {"type": "latents", "position": job.position, "latents": latents, "worker": self.name,
@@ -132,8 +139,8 @@ class GeneratorWorker:
 class DecoderWorker:
     """The tiled VAE decoder: a section's latent span -> its pixel chunk."""
 
-    def __init__(self, model: str, device: str | None = None, components: Components | None = None):
-        self.components = components or load_components(model, device or default_device(), parts=("vae",))
+    def __init__(self, spec: ModelSpec | None = None, components: Components | None = None):
+        self.components = components or spec.load(("vae",))
         self.name = worker_name()
 
     def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:

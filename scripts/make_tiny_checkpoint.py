@@ -195,8 +195,11 @@ def build(out: Path) -> None:
         "transformer": ["diffusers", "HunyuanVideoFramepackTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
     }
-    # Renders on a CPU in seconds at this size; real checkpoints use the official 640.
-    (out / "fp_ray.json").write_text(json.dumps({"default_resolution": 160}) + "\n")
+    # Renders on a CPU in seconds at this size; real checkpoints use the official 640. Its
+    # random weights are trained for no layout, so it declares every schedule: the tests run
+    # the inverted, forward and bidirectional paths on it.
+    meta = {"default_resolution": 160, "schedules": ["inverted", "bidirectional", "forward"]}
+    (out / "fp_ray.json").write_text(json.dumps(meta) + "\n")
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 

@@ -23,6 +23,7 @@ from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import LOST
 from fp_ray.coordinator import WorkerLost
 from fp_ray.encode import Conditioning, Encoded
+from fp_ray.models import ModelSpec
 from fp_ray.request import RenderRequest
 from fp_ray.schedule import Plan
 from fp_ray.storage import SectionStore
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 # GPUs and CPUs for a cluster.
 @serve.deployment(max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.25})
 class Encoder:
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = EncoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = EncoderWorker(spec)
 
     async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         return await asyncio.to_thread(self.worker.encode, request, images)
@@ -46,8 +47,8 @@ class Encoder:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})  # one section per GPU at a time
 class Generator:
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, speed: dict | None = None):
-        self.worker = GeneratorWorker(model, device, dtype, speed=speed)
+    def __init__(self, spec: ModelSpec, speed: dict | None = None):
+        self.worker = GeneratorWorker(spec, speed=speed)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         """The section's events. Between two steps the render's owner token is read again: once
@@ -65,8 +66,8 @@ class Generator:
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})
 class Decoder:
-    def __init__(self, model: str, device: str | None = None):
-        self.worker = DecoderWorker(model, device)
+    def __init__(self, spec: ModelSpec):
+        self.worker = DecoderWorker(spec)
 
     async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
         return await asyncio.to_thread(self.worker.decode, plan, position, cond, latents)
@@ -158,17 +159,28 @@ def build_app(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` builder. args: model (default: the tiny checkpoint),
     storage (artifacts and section checkpoints; default ./fp-ray-data), database (SQLite file;
     default STORAGE/renders.db) or database_url (postgresql://...: for several ingress replicas),
-    auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token},
-    or env FP_RAY_API_TOKENS="name=token,..."), device, dtype, speed (the generators'
-    `SpeedOptions`: {compile, attention, fp8}), and any ServiceConfig field
-    (max_upload_mb, max_queued, url_allow, retention_days, ...)."""
+    auth_token (or env FP_RAY_API_TOKEN), tokens ({name: token}, or env
+    FP_RAY_API_TOKENS="name=token,..."), any ServiceConfig field (max_upload_mb, max_queued,
+    url_allow, retention_days, ...); how the replicas load (models.ModelSpec): base,
+    image_encoder (default: env FP_RAY_BASE_MODEL / FP_RAY_IMAGE_ENCODER, else the hub), device,
+    dtype, memory (auto | resident | swap | offload), force_schedule; speed (the generators'
+    `SpeedOptions`: {compile, attention, fp8}); num_gpus ({"Generator": 1, ...}) for `fp-ray
+    serve` on its own machine (a cluster's YAML declares them per deployment)."""
     model = args.get("model", str(TINY_CHECKPOINT))
-    device, dtype = args.get("device"), args.get("dtype")
+    spec = ModelSpec(model, args.get("base"), args.get("image_encoder"), args.get("device"), args.get("dtype"),
+                     args.get("memory") or "auto", bool(args.get("force_schedule", False)))
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
+    gpus = args.get("num_gpus") or {}
+
+    def placed(deployment):  # a YAML's ray_actor_options still win over these
+        if deployment.name not in gpus:
+            return deployment
+        return deployment.options(ray_actor_options={**deployment.ray_actor_options, "num_gpus": gpus[deployment.name]})
+
     return Ingress.bind(
-        Encoder.bind(model, device),
-        Generator.bind(model, device, dtype, args.get("speed")),
-        Decoder.bind(model, device),
+        placed(Encoder).bind(spec),
+        placed(Generator).bind(spec, args.get("speed")),
+        placed(Decoder).bind(spec),
         model,
         storage,
         args.get("database_url") or args.get("database"),

@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 import ray
+import torch
 
 from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import PoolConfig, RayPools
@@ -15,6 +16,7 @@ from fp_ray.coordinator import run_render
 from fp_ray.render import render
 from fp_ray.request import make_request
 from fp_ray.storage import SectionStore
+from fp_ray.workers import SectionOutOfMemory
 
 REQUEST = dict(prompt="a quiet valley", width=64, height=48, steps=4)
 
@@ -41,8 +43,8 @@ def ray_render(request, pools, **kwargs):
 def test_actors_hold_their_gpus(pools):
     assert len(set(ray.get([g.ready.remote() for g in pools.generators]))) == 2
     assert pools.config.gpus("generator") == 1.0 and pools.config.gpus("decoder") == 0.5
-    # 4 fake GPUs: two generators hold one each, the decoder half of one
-    assert ray.available_resources().get("GPU", 0) == pytest.approx(1.5)
+    # 4 fake GPUs: two generators hold one each, the decoder and the encoder half of one each
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
@@ -122,3 +124,32 @@ def test_restarted_render_reuses_checkpointed_sections(pools, tmp_path):
     assert sorted(e["position"] for e in events if e["type"] == "section_started") == [0, 1]
     fresh, _ = ray_render(request, pools, out=tmp_path / "b.mp4")
     assert sha(result.path) == sha(fresh.path)
+
+
+def test_out_of_memory_section_is_retried_once_on_another_generator(pools, components):
+    def _set_oom(worker, on: bool) -> None:  # runs inside a generator actor (defined here: shipped by value)
+        transformer = worker.components.transformer
+        if on:
+            def oom(module, args):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+            worker._oom = transformer.register_forward_pre_hook(oom)
+        else:
+            worker._oom.remove()
+
+    request = make_request(**REQUEST, seconds=1.2)
+    first = pools.generators[0]  # a fresh queue hands out the actors in order: this one goes first
+    ray.get(first.__ray_call__.remote(_set_oom, True))
+    try:
+        result, events = ray_render(request, pools)
+        started = [e["worker"] for e in events if e["type"] == "section_started"]
+        assert len(started) == 2 and started[0] != started[1]
+        assert torch.equal(result.latents, render(request, None, components=components).latents)
+        ray.get(pools.generators[1].__ray_call__.remote(_set_oom, True))
+        try:
+            with pytest.raises(SectionOutOfMemory, match="section 0 ran out of GPU memory .* memory mode resident"):
+                ray_render(request, pools)
+        finally:
+            ray.get(pools.generators[1].__ray_call__.remote(_set_oom, False))
+    finally:
+        ray.get(first.__ray_call__.remote(_set_oom, False))

@@ -67,6 +67,23 @@ def test_rayjob_runs_the_batch_entrypoint_with_node_type_resources():
     assert batch_entrypoint("m.parquet", "out", ["--generators", "1-8"]).startswith("fp-ray batch m.parquet --out out")
     assert callable(main) and argparse  # imported for the flags' parser
     args = argparse.Namespace(generators=(1, 8), decoders=(1, 4), encoders=(1, 1), generator_gpus=None, decoder_gpus=None,
-                              encoder_gpus=0, generator_resource=["fp_generator=1"], decoder_resource=["fp_decoder=1"],
-                              max_restarts=3, dtype=None)
+                              encoder_gpus=None, generator_resource=["fp_generator=1"], decoder_resource=["fp_decoder=1"], encoder_resource=[],
+                              max_restarts=3, dtype=None, autoscaling=True, device=None, memory="auto", base=None,
+                              image_encoder=None, force_schedule=False, address="auto")
     assert pool_config(args).resources == {"generator": {"fp_generator": 1.0}, "decoder": {"fp_decoder": 1.0}}
+
+
+def test_every_config_reads_base_and_image_encoder_from_the_local_copies():
+    local = {"FP_RAY_BASE_MODEL": "/models/HunyuanVideo", "FP_RAY_IMAGE_ENCODER": "/models/flux_redux_bfl", "HF_HUB_OFFLINE": "1"}
+    options = load("cluster.yaml")["docker"]["run_options"]
+    assert all(f"-e {k}={v}" in options for k, v in local.items())
+    for name in ("deploy/rayservice.yaml", "deploy/rayjob.yaml"):
+        spec = load(name)["spec"]
+        cluster = spec.get("rayClusterConfig") or spec["rayClusterSpec"]
+        for group in cluster["workerGroupSpecs"]:
+            env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+            assert env == local
+    argv = shlex.split(load("deploy/rayjob.yaml")["spec"]["entrypoint"])
+    assert argv[argv.index("--base") + 1] == "/models/HunyuanVideo" and "--autoscaling" in argv
+    app_args = load("serving/config.yaml")["applications"][0]["args"]
+    assert (app_args["base"], app_args["image_encoder"]) == ("/models/HunyuanVideo", "/models/flux_redux_bfl")
