@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,14 +23,12 @@ import pyarrow.parquet as pq
 import ray
 
 from .actors import PoolConfig
-from .coordinator import generate_sections
-from .decode import assemble, to_frames
+from .coordinator import finish_video, generate_sections, render_context
 from .encode import ImageError, read_request_images, request_fingerprint
 from .render import LocalPools
 from .request import RenderRequest, RequestError, make_request, parse_size
 from .storage import SAFE_ID, SectionStore, StorageError, exists, is_uri, join, read_bytes, write_bytes
-from .video import write_mp4
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf"}
@@ -207,17 +204,21 @@ class GenerateStage:
         record = json.loads(row["record"])
         if row["payload"] is None:
             return {"id": row["id"], "record": record}
-        encoded = pickle.loads(row["payload"])
-        done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=row["id"], store=self.store))
+        ctx = render_context(pickle.loads(row["payload"]), row["id"], self.store)
+        done, reused, seconds = asyncio.run(self._generate(ctx))
         record.update(generate_s=seconds, sections_reused=len(reused))
-        return {"id": row["id"], "record": record, "payload": pickle.dumps((encoded, done))}
+        return {"id": row["id"], "record": record, "payload": pickle.dumps((ctx, done))}
+
+    async def _generate(self, ctx: RenderContext):
+        return await generate_sections(ctx, await self.pools.share(ctx), self.pools)
 
 
 class DecodeStage:
-    """Decodes every chunk, assembles, writes `{out}/{id}.mp4` and the row's record."""
+    """The coordinator's tail over this stage's decoder: segments, the joined
+    `{out}/{id}.mp4`, then the row's record."""
 
     def __init__(self, model: str, out: str, device: str | None = None):
-        self.worker = DecoderWorker(model, device)
+        self.pools = LocalPools(decoder=DecoderWorker(model, device))
         self.out = out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -226,29 +227,17 @@ class DecodeStage:
     def finish(self, row: dict) -> dict:
         record = json.loads(row["record"])
         if row["payload"] is not None:
-            encoded, done = pickle.loads(row["payload"])
-            plan, request = encoded.plan, encoded.request
-            t = time.perf_counter()
-            chunks = [self.worker.decode(plan, s.position, encoded.cond, {p: done[p] for p in s.decode_needs})
-                      for s in plan.by_position()]
-            frames = to_frames(assemble(chunks, plan.overlap_frames))
-            t_write = time.perf_counter()
-            output = write_video(frames, self.out, row["id"], request.fps, request.crf)
-            record.update(output=output, seconds=len(frames) / request.fps, frames=len(frames), sections=plan.num_sections,
-                          decode_s=t_write - t, write_s=time.perf_counter() - t_write)
+            ctx, done = pickle.loads(row["payload"])
+            output, timings = asyncio.run(self._finish(ctx, done, video_location(self.out, row["id"])))
+            frames = ctx.plan.pixel_frames
+            record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
+                          decode_s=timings["decode"], write_s=timings["write"])
             # written as the row ends, so a job that dies later loses no finished row
             write_bytes(record_location(self.out, row["id"]), json.dumps(record).encode())
         return {"id": row["id"], "record": record}
 
-
-def write_video(frames, out: str, rid: str, fps: int, crf: int) -> str:
-    where = video_location(out, rid)
-    if not is_uri(out):
-        return str(write_mp4(frames, where, fps, crf))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = write_mp4(frames, Path(tmp) / "video.mp4", fps, crf)
-        write_bytes(where, local.read_bytes())
-    return where
+    async def _finish(self, ctx: RenderContext, done: dict, where: str):
+        return await finish_video(ctx, await self.pools.share(ctx), self.pools, done, where)
 
 
 # ---- the job ----------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a render's wall time
+
 import argparse
 import sys
 import threading
@@ -113,6 +117,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         kind, key = e["type"], f"section {e.get('position')}"
         if kind == "plan":
             bars["sections"] = tqdm(total=e["sections"], initial=len(e["reused"]), desc="sections", unit="sec", position=0)
+            bars["segments"] = tqdm(total=e["sections"], desc="segments", unit="seg", position=1)
         elif kind == "section_started":
             bars[key] = tqdm(total=e["steps"], desc=key, unit="step", position=len(bars), leave=False)
         elif kind == "step":
@@ -121,6 +126,12 @@ def cmd_render(args: argparse.Namespace) -> None:
             bars.pop(key).close()
             if kind == "section_finished":
                 bars["sections"].update(1)
+        elif kind == "section_decoded" and "segments" in bars:  # decoded, crossfaded, encoded
+            bars["segments"].update(1)
+        elif kind == "writing":
+            for bar in bars.values():
+                bar.close()
+            print(f"joining {e['segments']} segments into {out}", file=sys.stderr)
 
     if args.ray:
         import asyncio
@@ -131,17 +142,19 @@ def cmd_render(args: argparse.Namespace) -> None:
         connect(args.address)
         pools = RayPools(request.model, pool_config(args), args.device)
         pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
+        startup = time.perf_counter() - STARTED
         result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
-                                        preview_dir=args.previews))
+                                        preview_dir=args.previews, progressive=args.progressive))
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         components = load_components(request.model, device, DTYPES.get(args.dtype))
+        startup = time.perf_counter() - STARTED
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
-                        request_id=args.id)
-    bars["sections"].close()
+                        request_id=args.id, progressive=args.progressive)
     t = result.timings
-    print(f"wrote {result.path}: {len(result.frames)} frames, {result.plan.num_sections} sections, "
-          f"{t['total']:.1f} s (generate {t['generate']:.1f} s, decode {t['decode']:.1f} s)")
+    print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
+          f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
+          f"+ write {t['write']:.1f} s (decoding also ran {t['decode_overlap']:.1f} s alongside generation)")
 
 
 def connect(address: str | None) -> None:
@@ -252,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p_render = sub.add_parser("render", help="render one video to mp4 in this process")
     add_request_args(p_render)
     p_render.add_argument("--out", default="video.mp4", help="output mp4 (default %(default)s)")
-    p_render.add_argument("--previews", help="folder for one preview mp4 per decoded section")
+    p_render.add_argument("--previews", help="folder for one preview mp4 per segment (each section's part of the video)")
+    p_render.add_argument("--progressive", help="fragmented mp4 of the finished start of the video, growing while it renders")
     p_render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p_render.add_argument("--dtype", choices=sorted(DTYPES), help="transformer precision (default: bf16 on GPU, fp32 on CPU)")
     p_render.set_defaults(func=cmd_render)

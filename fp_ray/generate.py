@@ -57,14 +57,15 @@ def section_steps(
     section: Section,
     cond: Conditioning,
     done: Mapping[int, torch.Tensor],
-    noise: NoiseStream,
+    noise: torch.Tensor,
     *,
     sampler: str,
     steps: int,
     guidance: float,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(step, steps, latents) after each step; the last latents are the section's clean
-    (1, 16, window, h, w) float32 latents, on the CPU. Pure in its inputs."""
+    (1, 16, window, h, w) float32 latents, on the CPU. `noise`: the section's draw from the
+    request's stream (`NoiseStream.draw(section.order)`). Pure in its inputs."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
@@ -74,7 +75,7 @@ def section_steps(
         sampler,
         steps,
         guidance,
-        noise=noise.draw(section.order),
+        noise=noise,
         text=cond.text[section.prompt],
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),

@@ -1,8 +1,10 @@
 """Where renders keep their work: a local folder or any `pyarrow.fs` URI (s3://, gs://, ...).
 
-Section checkpoints live at `{root}/{request_id}/{fingerprint[:16]}/section_{k:03d}.safetensors`:
-the request id names the render, the fingerprint (request fields + image bytes) makes sure a
-reused id with different content never reads stale sections.
+A render's work lives under `{root}/{request_id}/{fingerprint[:16]}/`: the section latents
+(`section_{k:03d}.safetensors`), the finished video segments (`segment_{k:03d}.mp4`) and, while
+a segment waits for its neighbour, the decoded pixels of its seam (`lead_{k:03d}` /
+`tail_{k:03d}.safetensors`). The request id names the render, the fingerprint (request fields
++ image bytes) makes sure a reused id with different content never reads stale work.
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ def exists(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
+def delete(location: str | os.PathLike) -> None:
+    """Remove an object if it exists."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def fingerprint(request_json: str, *images: bytes | None) -> str:
     """sha256 over what decides a render's output: the request and its image bytes."""
     h = hashlib.sha256(request_json.encode())
@@ -95,30 +104,35 @@ def fingerprint(request_json: str, *images: bytes | None) -> str:
 
 
 class SectionStore:
-    """Finished section latents of every render, keyed by request id, fingerprint and position."""
+    """Finished sections and segments of every render, keyed by request id, fingerprint and position."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = str(root)
         filesystem(self.root)  # fail early on an unusable URI
 
-    def location(self, request_id: str, fingerprint: str, position: int) -> str:
+    def location(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> str:
+        """kind: section (latents), segment (mp4), lead or tail (seam pixels)."""
         if not SAFE_ID.match(request_id):
             raise StorageError(f"request id {request_id!r} is not a safe name ([A-Za-z0-9._-], 1-128 chars)")
-        return join(self.root, request_id, fingerprint[:16], f"section_{position:03d}.safetensors")
+        suffix = "mp4" if kind == "segment" else "safetensors"
+        return join(self.root, request_id, fingerprint[:16], f"{kind}_{position:03d}.{suffix}")
 
-    def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor) -> str:
-        where = self.location(request_id, fingerprint, position)
+    def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor, kind: str = "section") -> str:
+        where = self.location(request_id, fingerprint, position, kind)
         meta = {"fingerprint": fingerprint, "position": str(position)}
         write_bytes(where, save_safetensors({"latents": latents.contiguous()}, metadata=meta))
         return where
 
-    def load(self, request_id: str, fingerprint: str, position: int) -> torch.Tensor | None:
-        """The section's latents, or None when it was never finished."""
+    def load(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> torch.Tensor | None:
+        """The saved tensor (section latents, seam pixels), or None when there is none."""
         try:
-            data = read_bytes(self.location(request_id, fingerprint, position))
+            data = read_bytes(self.location(request_id, fingerprint, position, kind))
         except FileNotFoundError:
             return None
         return load_safetensors(data)["latents"]
+
+    def has(self, request_id: str, fingerprint: str, position: int, kind: str) -> bool:
+        return exists(self.location(request_id, fingerprint, position, kind))
 
     def load_all(self, request_id: str, fingerprint: str, positions) -> dict[int, torch.Tensor]:
         found = {p: self.load(request_id, fingerprint, p) for p in positions}

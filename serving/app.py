@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator
 
-import torch
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import LOST
 from fp_ray.coordinator import WorkerLost
-from fp_ray.encode import Conditioning, Encoded
+from fp_ray.encode import Encoded
 from fp_ray.request import RenderRequest
-from fp_ray.schedule import Plan
-from fp_ray.workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
+from fp_ray.workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob, Shared,
+                            iterate_in_thread)
 from serving.api import bind_service, make_api
 from serving.service import RenderService
 
@@ -54,8 +54,8 @@ class Decoder:
     def __init__(self, model: str, device: str | None = None):
         self.worker = DecoderWorker(model, device)
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        return await asyncio.to_thread(self.worker.decode, plan, position, cond, latents)
+    async def segment(self, job: SegmentJob) -> list[int]:
+        return await asyncio.to_thread(self.worker.segment, job)
 
 
 class ServePools:
@@ -75,8 +75,13 @@ class ServePools:
         except LOST as e:
             raise WorkerLost(f"generator replica lost during section {job.position}: {type(e).__name__}") from e
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        return await self.decoder.decode.remote(plan, position, cond, latents)
+    async def share(self, context: RenderContext) -> Shared:
+        # One object ref per render; replicas fetch it once each. Segments go to the store:
+        # the ingress sees no pixels.
+        return Shared(context.key, ray.put(context))
+
+    async def segment(self, job: SegmentJob) -> list[int]:
+        return await self.decoder.segment.remote(job)
 
     async def cancel(self, request_id: str) -> None:
         """Nothing to do: cancelling the render's task cancels its in-flight Serve requests."""

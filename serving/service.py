@@ -68,6 +68,10 @@ class RenderService:
     def video_path(self, rid: str) -> Path:
         return self.folder(rid) / "video.mp4"
 
+    def progressive_path(self, rid: str) -> Path:
+        """Fragmented mp4 of the render's finished time-ordered prefix, growing as it renders."""
+        return self.folder(rid) / "progressive.mp4"
+
     def preview_path(self, rid: str, position: int) -> Path:
         return self.folder(rid) / "previews" / f"section_{position:03d}.mp4"
 
@@ -114,7 +118,7 @@ class RenderService:
         try:
             result = await run_render(request, self.pools, out=self.video_path(rid), store=self.store, request_id=rid,
                                       on_event=lambda e: self._on_event(render, e), images=images,
-                                      preview_dir=self.folder(rid) / "previews")
+                                      preview_dir=self.folder(rid) / "previews", progressive=self.progressive_path(rid))
         except asyncio.CancelledError:
             self.records.update(rid, status="cancelled", eta_s=None)
             self.metrics.cancelled.inc()
@@ -125,9 +129,9 @@ class RenderService:
             self.metrics.failed.inc()
             await self._publish(render, {"type": "failed", "error": f"{type(e).__name__}: {e}"})
         else:
-            self.records.update(rid, status="finished", frames=len(result.frames), eta_s=0.0)
+            self.records.update(rid, status="finished", frames=result.frames, eta_s=0.0)
             self.metrics.finished.inc()
-            self.metrics.video_seconds.inc(len(result.frames) / request.fps)
+            self.metrics.video_seconds.inc(result.frames / request.fps)
         finally:
             self.metrics.queue_depth.dec()
             self.live.pop(rid, None)

@@ -4,6 +4,7 @@ import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 
 from fp_ray import TINY_CHECKPOINT
@@ -14,6 +15,21 @@ from fp_ray.models import cached_components
 def components():
     """The tiny checkpoint, loaded once for the whole run."""
     return cached_components(str(TINY_CHECKPOINT))
+
+
+@pytest.fixture(scope="session")
+def video_frames(components):
+    """(plan, cond, latents by position) -> the video's (F, H, W, 3) uint8 frames, before
+    H.264: every chunk decoded, cut and crossfaded into segments by the workers' functions."""
+    from fp_ray.decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
+
+    def frames(plan, cond, done):
+        parts = [split_chunk(plan, s.position, decode_chunk(components.vae, decode_input(plan, s, cond, done)))
+                 for s in plan.by_position()]
+        segments = [segment_pixels(plan, lead, parts[k - 1][1] if k else None) for k, (lead, _) in enumerate(parts)]
+        return np.concatenate([to_frames(s) for s in segments])
+
+    return frames
 
 
 def free_port() -> int:

@@ -54,9 +54,9 @@ def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_pat
     assert sha(local.path) == sha(distributed.path)
 
 
-def test_bidirectional_fills_of_a_wave_run_at_once_on_different_actors(pools):
+def test_bidirectional_fills_of_a_wave_run_at_once_on_different_actors(pools, tmp_path):
     request = make_request(**{**REQUEST, "steps": 12}, schedule="bidirectional", seconds=6.0)
-    result, events = ray_render(request, pools)
+    result, events = ray_render(request, pools, out=tmp_path / "v.mp4")
     spans = {}
     for e in events:
         if e["type"] == "section_started":
