@@ -122,7 +122,7 @@ def join_segments(segments: Iterable[bytes], path: str | Path, fps: int) -> Path
     return Path(path)
 
 
-def read_frames(path: str | Path) -> np.ndarray:
-    """Decode a video to (F, H, W, 3) uint8 RGB."""
-    with av.open(str(path)) as container:
+def read_frames(path: str | Path | io.BytesIO) -> np.ndarray:
+    """Decode a video (a file or its bytes in a BytesIO) to (F, H, W, 3) uint8 RGB."""
+    with av.open(path if isinstance(path, io.BytesIO) else str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -32,6 +32,22 @@ def video_frames(components):
     return frames
 
 
+@pytest.fixture(scope="session")
+def as_segments():
+    """(plan, frames) -> what a player shows for these frames once cut into the plan's
+    segments, each encoded as the decoders do: the joined mp4 must decode to exactly this."""
+    import io
+
+    from fp_ray.decode import segment_frames
+    from fp_ray.video import encode_segment, read_frames
+
+    def encoded(plan, frames, fps: int = 30, crf: int = 16) -> np.ndarray:
+        cuts = np.cumsum(segment_frames(plan))[:-1]
+        return np.concatenate([read_frames(io.BytesIO(encode_segment(f, fps, crf))) for f in np.split(frames, cuts)])
+
+    return encoded
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
