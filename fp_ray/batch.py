@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import ray
 
 from .actors import PoolConfig
-from .coordinator import finish_video, generate_sections, render_context
+from .coordinator import generate_sections, render_context
+from .segments import finish_video
 from .encode import ImageError, read_request_images, request_fingerprint
 from .render import LocalPools
 from .request import RenderRequest, RequestError, make_request, parse_size

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fp_ray.coordinator import finish_video, render_context
+from fp_ray.coordinator import render_context
+from fp_ray.segments import finish_video
 from fp_ray.decode import segment_frames, segment_pixels, soft_append, split_chunk
 from fp_ray.encode import encode_request
 from fp_ray.render import LocalPools, render
