@@ -11,7 +11,7 @@ one (segments made by the decoders, joined without re-encoding), measured in thi
    VAE, new path): the slope of time and memory per section, and the projected peak for a
    10-minute video.
 
-    python bench/long_video.py [--seconds 10 60 300] [--old-up-to 60] [--sizes 1 2 4 8]
+    python bench/long_video.py [--seconds 10 60 300] [--old-up-to 60] [--sizes 1 2 3]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def child_render(seconds: float, out: str) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def child_synthetic(sections: int, size: int) -> dict:
+def child_synthetic(sections: int, size: int, window: int) -> dict:
     """decode + segment + write of `sections` random sections at size x size (new path)."""
     import asyncio
 
@@ -67,7 +67,7 @@ def child_synthetic(sections: int, size: int) -> dict:
     from fp_ray.storage import SectionStore
 
     components = load_components(str(TINY_CHECKPOINT), "cpu")
-    request = make_request(prompt="x", width=size, height=size, steps=1, seconds=sections * 1.2)
+    request = make_request(prompt="x", width=size, height=size, steps=1, window=window, seconds=sections * 4 * window / 30)
     with tempfile.TemporaryDirectory() as tmp:
         encoded = encode_request(components, request)
         ctx = render_context(encoded, "synthetic", SectionStore(tmp))
@@ -83,7 +83,8 @@ def child_synthetic(sections: int, size: int) -> dict:
         t = time.perf_counter()
         _, timings = asyncio.run(run())
         wall = time.perf_counter() - t
-    return {"sections": sections, "size": size, "wall_s": wall, **{f"{k}_s": v for k, v in timings.items()},
+    assert ctx.plan.num_sections == sections, ctx.plan.num_sections
+    return {"sections": sections, "size": size, "window": window, "wall_s": wall, **{f"{k}_s": v for k, v in timings.items()},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded / 1024}
 
 
@@ -129,7 +130,10 @@ def main() -> None:
     p.add_argument("--old-up-to", type=float, default=60, help="run the old path up to this length (default %(default)s)")
     p.add_argument("--old-tree", type=Path, default=Path("/tmp/fp-ray-before-segments"),
                    help="a tree holding the old fp_ray/ (git archive ea28ecd fp_ray | tar -x -C DIR)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="sections for the 640x640 run")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16], help="sections for the 640x640 run")
+    p.add_argument("--window", type=int, default=1,
+                   help="latent window of the 640x640 run (default %(default)s: small chunks, so many sections fit the time)")
+    p.add_argument("--reuse", type=Path, help="rows this script printed (JSON lines): kinds present there are not measured again")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/long_video.json")
     p.add_argument("--figures", type=Path, default=ROOT / "docs")
@@ -139,12 +143,13 @@ def main() -> None:
         if kind == "render":
             print(json.dumps(child_render(float(rest[0]), rest[1])))
         else:
-            print(json.dumps(child_synthetic(int(rest[0]), int(rest[1]))))
+            print(json.dumps(child_synthetic(int(rest[0]), int(rest[1]), int(rest[2]))))
         return
 
-    renders = []
+    reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
+    renders = [r for r in reused if "seconds" in r]
     with tempfile.TemporaryDirectory() as tmp:
-        for seconds in args.seconds:
+        for seconds in [] if renders else args.seconds:
             row = {"seconds": seconds, "new": spawn(ROOT, "render", str(seconds), f"{tmp}/new.mp4")}
             if seconds <= args.old_up_to and (args.old_tree / "fp_ray").is_dir():
                 row["old"] = spawn(args.old_tree, "render", str(seconds), f"{tmp}/old.mp4")
@@ -164,21 +169,22 @@ def main() -> None:
               f"{n['per_section_s'] / base['per_section_s']:5.2f} {n['peak_rss_mb']:8.0f} "
               f"{n['peak_rss_mb'] / base['peak_rss_mb']:5.2f} | {old}")
 
-    synthetic = []
-    for n in args.sizes:
-        row = spawn(ROOT, "synthetic", str(n), str(args.size))
+    synthetic = [r for r in reused if "size" in r]
+    have = {(r["sections"], r.get("window", 9)) for r in synthetic}
+    for n in [n for n in args.sizes if (n, args.window) not in have]:
+        row = spawn(ROOT, "synthetic", str(n), str(args.size), str(args.window))
         synthetic.append(row)
         print(json.dumps(row), flush=True)
-    ok = [r for r in synthetic if "wall_s" in r]
+    ok = [r for r in synthetic if "wall_s" in r and r.get("window", 9) == args.window]
     slope_s = slope_mb = projected = None
-    if len(ok) >= 2:
-        first, last = ok[0], ok[-1]
+    if len(ok) >= 3:
+        first, last = ok[1], ok[-1]  # from 2 sections on the largest chunk no longer grows: compare those
         span = last["sections"] - first["sections"]
         slope_s = (last["wall_s"] - first["wall_s"]) / span
         slope_mb = (last["peak_rss_mb"] - first["peak_rss_mb"]) / span
         ten_minutes = round(600 * 30 / (4 * 9))
         projected = last["peak_rss_mb"] + max(slope_mb, 0) * (ten_minutes - last["sections"])
-        print(f"\n{args.size}x{args.size}: {slope_s:.2f} s and {slope_mb:+.1f} MB peak per extra section; "
+        print(f"\n{args.size}x{args.size}, window {args.window}: {slope_s:.2f} s and {slope_mb:+.1f} MB peak per extra section; "
               f"projected peak for 10 minutes ({ten_minutes} sections): {projected:.0f} MB")
 
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),

@@ -208,7 +208,7 @@ class GenerateStage:
         ctx = render_context(pickle.loads(row["payload"]), row["id"], self.store)
         done, reused, seconds = asyncio.run(self._generate(ctx))
         record.update(generate_s=seconds, sections_reused=len(reused))
-        return {"id": row["id"], "record": record, "payload": pickle.dumps((ctx, done))}
+        return {"id": row["id"], "record": record, "payload": pickle.dumps((ctx, dict(done.items())))}
 
     async def _generate(self, ctx: RenderContext):
         return await generate_sections(ctx, await self.pools.share(ctx), self.pools)

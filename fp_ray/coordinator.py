@@ -57,7 +57,7 @@ class Pools(Protocol):
 class RenderResult:
     path: Path | None
     plan: Plan
-    latents: torch.Tensor  # (1, 16, 1 + N*window, h, w): start latent + all sections
+    latents: torch.Tensor | None  # keep_latents: (1, 16, 1 + N*window, h, w), start latent + all sections
     frames: int  # pixel frames in the video
     request_id: str = ""
     fingerprint: str = ""
@@ -95,6 +95,42 @@ def render_context(encoded: Encoded, request_id: str, store: SectionStore) -> Re
     return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root)
 
 
+class SectionLatents(Mapping[int, torch.Tensor]):
+    """The finished sections' latents. A section no pending work reads is dropped from memory
+    (it is in the store, and read back if asked for again), so the coordinator holds a few
+    sections at a time, not the whole video."""
+
+    def __init__(self, ctx: RenderContext):
+        self.store, self.ids = SectionStore(ctx.store), (ctx.request_id, ctx.fingerprint)
+        self._finished: set[int] = set()
+        self._memory: dict[int, torch.Tensor] = {}
+
+    def add(self, position: int, latents: torch.Tensor) -> None:
+        self._finished.add(position)
+        self._memory[position] = latents
+
+    def release(self, position: int) -> None:
+        self._memory.pop(position, None)
+
+    def in_memory(self) -> list[int]:
+        return list(self._memory)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        if position not in self._finished:
+            raise KeyError(position)
+        latents = self._memory.get(position)
+        return latents if latents is not None else self.store.load(*self.ids, position)
+
+    def __contains__(self, position: object) -> bool:
+        return position in self._finished
+
+    def __iter__(self):
+        return iter(sorted(self._finished))
+
+    def __len__(self) -> int:
+        return len(self._finished)
+
+
 async def generate_sections(
     ctx: RenderContext,
     shared: Shared,
@@ -102,19 +138,24 @@ async def generate_sections(
     *,
     emit: OnEvent = lambda event: None,
     on_done: Callable[[Mapping[int, torch.Tensor]], None] = lambda done: None,
+    still_needed: Callable[[int], bool] = lambda position: True,
     attempts: int = 3,
-) -> tuple[dict[int, torch.Tensor], list[int], float]:
+) -> tuple[SectionLatents, list[int], float]:
     """Generate every section of the render, each as soon as its dependencies exist.
 
     Sections an earlier run of the same render finished (same id and fingerprint, in the
     context's store) are reused; each new section is saved before it counts as done.
-    `on_done(done)` runs after every change of `done`. Returns (latents by position,
-    reused positions, seconds spent in the section function).
+    `on_done(done)` runs after every change of `done`; a section's latents leave memory once
+    every section reading them is finished and `still_needed(position)` is false. Returns
+    (latents by position, reused positions, seconds spent in the section function).
     """
     request, plan = ctx.request, ctx.plan
     store = SectionStore(ctx.store)
-    done: dict[int, torch.Tensor] = store.load_all(ctx.request_id, ctx.fingerprint, range(plan.num_sections))
+    done = SectionLatents(ctx)
+    for position, latents in store.load_all(ctx.request_id, ctx.fingerprint, range(plan.num_sections)).items():
+        done.add(position, latents)
     reused = sorted(done)
+    readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": plan.pixel_frames,
           "steps": request.steps, "reused": reused})
     progress = Progress(plan, request.steps, len(done))
@@ -151,13 +192,16 @@ async def generate_sections(
             if s.position not in done and s.position not in running and all(p in done for p in s.depends_on):
                 running[s.position] = asyncio.create_task(generate(s))
         on_done(done)
+        for p in done.in_memory():  # running sections hold their own context
+            if not still_needed(p) and all(r in done or r in running for r in readers[p]):
+                done.release(p)
 
     try:
         submit_ready()
         while running:
             finished, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
             for position in [p for p, task in running.items() if task in finished]:
-                done[position] = running.pop(position).result()
+                done.add(position, running.pop(position).result())
             submit_ready()
     except BaseException:
         for task in running.values():
@@ -189,13 +233,15 @@ async def run_render(
     progressive: str | Path | None = None,
     attempts: int = 3,
     images: tuple[bytes, bytes | None] | None = None,
+    keep_latents: bool = False,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out`: encode, generate the sections
     (`generate_sections`), make each segment as soon as the chunks it spans are decoded,
     join them. `store`: checkpoints (sections, segments) a rerun of the same render reuses
     (None: a temporary folder). `progressive`: a fragmented mp4 that grows with the finished
     time-ordered prefix. `images`: the image bytes, when the caller holds them (an upload)
-    rather than the workers reading `request.image`. Events: plan, section_started, step
+    rather than the workers reading `request.image`. `keep_latents`: return the whole
+    latent video (O(sections) memory at the end; tests compare it). Events: plan, section_started, step
     (with eta_s), section_finished, section_retry, section_decoded (a segment is made),
     prefix, writing, finished.
     """
@@ -210,8 +256,9 @@ async def run_render(
         segments = Segments(ctx, shared, pools, emit, preview_dir, progressive)
         try:
             segments.start()
-            done, reused, generate_s = await generate_sections(ctx, shared, pools, emit=emit,
-                                                               on_done=segments.latents_ready, attempts=attempts)
+            done, reused, generate_s = await generate_sections(
+                ctx, shared, pools, emit=emit, on_done=segments.latents_ready, still_needed=segments.will_read, attempts=attempts
+            )
             t_generated = time.perf_counter()
             await segments.wait()
         except BaseException:
@@ -220,6 +267,7 @@ async def run_render(
         t_decoded = time.perf_counter()
         emit({"type": "writing", "segments": ctx.plan.num_sections})
         path = await asyncio.to_thread(segments.write, out)
+        latents = full_latents(ctx.plan, ctx.cond, done) if keep_latents else None
     t_end = time.perf_counter()
     # phases that add up to the wall time; decode also ran during generation (decode_overlap)
     timings = {"encode": t_encoded - t0, "generate": t_generated - t_encoded, "decode": t_decoded - t_generated,
@@ -227,7 +275,7 @@ async def run_render(
                "decode_overlap": max(0.0, t_generated - (segments.first_decode or t_generated))}
     emit({"type": "finished", "request_id": rid, "path": path, "frames": ctx.plan.pixel_frames, "timings": timings})
     return RenderResult(
-        path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=full_latents(ctx.plan, ctx.cond, done),
+        path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=latents,
         frames=ctx.plan.pixel_frames, request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
         generated=sorted(set(done) - set(reused)), reused=reused, segments_reused=segments.reused, timings=timings,
     )

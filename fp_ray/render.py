@@ -63,10 +63,11 @@ def render(
     store: SectionStore | None = None,
     request_id: str | None = None,
     progressive: str | Path | None = None,
+    keep_latents: bool = False,
 ) -> RenderResult:
-    """Render `request` to the mp4 at `out` in this process."""
+    """Render `request` to the mp4 at `out` in this process (`run_render`'s arguments)."""
     pools = LocalPools.from_components(components or cached_components(request.model))
     return asyncio.run(
         run_render(request, pools, out=out, store=store, request_id=request_id, on_event=on_event,
-                   preview_dir=preview_dir, progressive=progressive)
+                   preview_dir=preview_dir, progressive=progressive, keep_latents=keep_latents)
     )

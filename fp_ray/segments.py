@@ -75,6 +75,11 @@ class Segments:
                 self.submitted.add(k)
                 self._spawn(self._decode(k, {p: done[p] for p in s.decode_needs}))
 
+    def will_read(self, position: int) -> bool:
+        """Whether a chunk not yet submitted decodes section `position`'s latents."""
+        return any(0 <= k < self.n and k not in self.submitted and position in self.ctx.plan.section(k).decode_needs
+                   for k in (position - 1, position, position + 1))
+
     def _spawn(self, coro) -> None:
         self.tasks.append(asyncio.create_task(coro))
 

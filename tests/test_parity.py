@@ -61,7 +61,7 @@ def test_latents_and_frames_match_reference(components, reference, video_frames,
         prompt=PROMPT, schedule=schedule, sampler="euler", steps=STEPS, seed=SEED, width=W, height=H,
         seconds=sections * 1.2, guidance=10.0,
     )
-    ours = render(request, tmp_path / "v.mp4", components=components)
+    ours = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
     assert ours.plan.num_sections == sections
 
     ref_latents = run_reference(reference, sampling_type, sections, "latent")[-1]

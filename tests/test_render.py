@@ -31,7 +31,7 @@ def test_same_request_same_bytes(components, tmp_path):
 
 
 def test_unipc_default_sampler_is_finite(components, tmp_path):
-    result = render(make_request(**{**SMALL, "steps": 4}, seconds=1.2), tmp_path / "v.mp4", components=components)
+    result = render(make_request(**{**SMALL, "steps": 4}, seconds=1.2), tmp_path / "v.mp4", components=components, keep_latents=True)
     assert torch.isfinite(result.latents).all()
     assert read_frames(result.path).std() > 10
 
@@ -60,7 +60,7 @@ def test_bidirectional_any_valid_order_gives_the_same_latents(components, tmp_pa
     for p in range(plan.num_sections):
         assert torch.equal(forward[p], backward[p])
 
-    local = render(request, tmp_path / "v.mp4", components=components)
+    local = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
     assert torch.equal(local.latents[:, :, 1:], torch.cat([forward[p] for p in range(plan.num_sections)], dim=2))
     frames = video_frames(plan, cond, forward)
     assert frames.shape[0] == plan.pixel_frames

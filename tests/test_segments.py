@@ -96,7 +96,7 @@ class Reordered(LocalPools):
 
 def test_same_bytes_whatever_the_decode_order(components, tmp_path):
     request = make_request(**SMALL, schedule="forward", seconds=4.8)
-    local = render(request, tmp_path / "local.mp4", components=components)
+    local = render(request, tmp_path / "local.mp4", components=components, keep_latents=True)
     encoded = encode_request(components, request)
     ctx = render_context(encoded, "reordered", SectionStore(tmp_path / "store"))
     done = {p: local.latents[:, :, 1 + p * ctx.plan.window : 1 + (p + 1) * ctx.plan.window] for p in range(4)}
@@ -179,3 +179,26 @@ def test_progressive_output_grows_with_the_finished_prefix(components, tmp_path)
                                     progressive=tmp_path / "live.mp4"))
     assert [e["segments"] for e in events if e["type"] == "prefix"] == [1, 2, 3]
     assert packets(tmp_path / "live.mp4") == packets(result.path)  # the same packets, fragmented
+
+
+def test_coordinator_keeps_only_the_latents_pending_work_reads(components, tmp_path):
+    """Forward: a section is read by the next two sections' context and two chunk decodes;
+    after that only the store has it. The render still gets every latent back on request."""
+    from fp_ray.coordinator import SectionLatents
+
+    held = []
+    original = SectionLatents.release
+
+    def spy(self, position):
+        original(self, position)
+        held.append(len(self.in_memory()))
+
+    SectionLatents.release = spy
+    try:
+        request = make_request(**SMALL, schedule="forward", seconds=9.6)  # 8 sections
+        result = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
+    finally:
+        SectionLatents.release = original
+    assert result.plan.num_sections == 8 and len(held) >= 6
+    assert max(held) <= 4  # a few sections in memory, whatever the length
+    assert result.latents.shape[2] == 1 + 8 * result.plan.window
