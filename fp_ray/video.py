@@ -96,10 +96,9 @@ class SegmentJoiner:
                 if packet.dts is None:  # the demuxer's end-of-stream marker
                     continue
                 # timestamps in frames: exact at any fps, whatever timescale the muxer chose
-                pts = round(packet.pts * packet.time_base / frame_time)
-                dts = round(packet.dts * packet.time_base / frame_time)
+                pts, dts, duration = (round(t * packet.time_base / frame_time) for t in (packet.pts, packet.dts, packet.duration))
                 packet.time_base = frame_time
-                packet.pts, packet.dts = pts + self.frames, dts + self.frames
+                packet.pts, packet.dts, packet.duration = pts + self.frames, dts + self.frames, duration
                 packet.stream = self.stream
                 self.container.mux(packet)
                 count += 1

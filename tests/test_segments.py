@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -68,6 +69,9 @@ def test_join_copies_packets_without_reencoding(tmp_path):
         timestamps = sorted(p.pts * p.time_base for p in c.demux(video=0) if p.size)
     assert timestamps == [i / 30 for i in range(12)] or timestamps == [type(timestamps[0])(i, 30) for i in range(12)]
     assert read_frames(path).shape == (12, 32, 48, 3)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        assert stream.frames == 12 and stream.duration * stream.time_base == Fraction(12, 30)
 
 
 class Reordered(LocalPools):
