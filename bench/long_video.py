@@ -97,6 +97,12 @@ def spawn(tree: Path, *args: str) -> dict:
     return json.loads(code.stdout.strip().splitlines()[-1])
 
 
+def least_squares(x: list[float], y: list[float]) -> float:
+    """Slope of the least-squares line through (x, y)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
 def svg_chart(path: Path, title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str) -> None:
     """A small line chart, without a plotting dependency."""
     w, h, pad = 520, 300, 50
@@ -177,15 +183,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     ok = [r for r in synthetic if "wall_s" in r and r.get("window", 9) == args.window]
     slope_s = slope_mb = projected = None
-    if len(ok) >= 3:
-        first, last = ok[1], ok[-1]  # from 2 sections on the largest chunk no longer grows: compare those
-        span = last["sections"] - first["sections"]
-        slope_s = (last["wall_s"] - first["wall_s"]) / span
-        slope_mb = (last["peak_rss_mb"] - first["peak_rss_mb"]) / span
+    fit = [r for r in ok if r["sections"] >= 2]  # from 2 sections on the largest chunk no longer grows
+    if len(fit) >= 3:
+        slope_s, slope_mb = (least_squares([r["sections"] for r in fit], [r[k] for r in fit]) for k in ("wall_s", "peak_rss_mb"))
         ten_minutes = round(600 * 30 / (4 * 9))
+        last = fit[-1]
         projected = last["peak_rss_mb"] + max(slope_mb, 0) * (ten_minutes - last["sections"])
-        print(f"\n{args.size}x{args.size}, window {args.window}: {slope_s:.2f} s and {slope_mb:+.1f} MB peak per extra section; "
-              f"projected peak for 10 minutes ({ten_minutes} sections): {projected:.0f} MB")
+        print(f"\n{args.size}x{args.size}, window {args.window}: {slope_s:.2f} s and {slope_mb:+.1f} MB peak per extra section "
+              f"(least squares over {len(fit)} runs); projected peak for 10 minutes ({ten_minutes} sections): {projected:.0f} MB")
 
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "request": REQUEST, "renders": renders, "synthetic": synthetic,
