@@ -197,7 +197,7 @@ def main(setup: Setup, out: Path, docs: Path | None) -> dict:
             return {"per_step": None, "note": "CUDA only"}
         cond, _, plan = state[main_size]
         section = plan.sections[0]
-        steps = section_steps(c, plan, section, cond, {}, noise_stream(plan, cond, SEED), sampler="euler", steps=4, guidance=10.0)
+        steps = section_steps(c, plan, section, cond, {}, noise_stream(plan, cond, SEED).draw(section.order), sampler="euler", steps=4, guidance=10.0)
         return m.count_syncs(steps)
 
     runner.run("syncs", syncs, 6 * t_fwd())

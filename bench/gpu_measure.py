@@ -4,6 +4,7 @@ the reference pipeline's and fp-ray's end-to-end runs."""
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +13,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fp_ray.decode import assemble, to_frames
+from fp_ray.decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
 from fp_ray.encode import Conditioning
-from fp_ray.generate import gather_context
+from fp_ray.generate import gather_context, noise_stream
 from fp_ray.models import Components
 from fp_ray.request import RenderRequest
 from fp_ray.schedule import Plan
-from fp_ray.speed import trim_text
-from fp_ray.workers import DecoderWorker, GeneratorWorker, SectionJob
+from fp_ray.speed import decode_stream, trim_text
+from fp_ray.workers import GeneratorWorker, RenderContext, SectionJob, Shared
 
 from gpu_models import PROMPT, ReferencePipeline, Setup
 
@@ -204,37 +205,46 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def run_fp_ray(c: Components, plan: Plan, cond: Conditioning, request: RenderRequest, overlap: bool = True) -> dict:
-    """fp-ray's local path with its own workers: sections in generation order on the generator,
-    each chunk handed to the decoder (its own thread and CUDA stream) as soon as the latents it
-    spans exist, as the coordinator does; `overlap=False` decodes in line instead."""
+    """fp-ray's local path with its own workers, as the coordinator runs them: sections in
+    generation order on the generator (the render's context shared once, section k's noise
+    from its saved generator state), each chunk decoded (its own thread and CUDA stream) as
+    soon as the latents it spans exist, then crossfaded into segments. `overlap=False`
+    decodes in line instead. The segments' H.264 encoding is left out: PyAV is not needed to
+    time the GPU, and it runs beside the GPU work on the decoder's CPU."""
     device = c.device
-    generator, decoder = GeneratorWorker(components=c), DecoderWorker(components=c)
+    generator = GeneratorWorker(components=c)
     c.vae.enable_tiling(tile_sample_min_height=256, tile_sample_min_width=256)  # as load_components sets it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     done, chunks, section_s, decode_s = {}, {}, [], {}
     pending = set(s.position for s in plan.sections)
+    states = noise_stream(plan, cond, request.seed).section_states(plan.num_sections)
 
     def decode(position: int) -> torch.Tensor:
         t = time.perf_counter()
-        chunk = decoder.decode(plan, position, cond, done)
+        with decode_stream(device):
+            chunk = decode_chunk(c.vae, decode_input(plan, plan.section(position), cond, done))
         decode_s[position] = time.perf_counter() - t
         return chunk
 
-    t0 = now(device)
-    with ThreadPoolExecutor(1) as pool:
-        for section in plan.sections:
-            job = SectionJob("bench", "bench", request, plan, section.position, cond, dict(done))
-            events = list(generator.generate(job))
-            done[section.position] = events[-1]["latents"]
-            section_s.append(events[-1]["seconds"])
-            for s in plan.sections:
-                if s.position in pending and all(p in done for p in s.decode_needs):
-                    pending.discard(s.position)
-                    chunks[s.position] = pool.submit(decode, s.position) if overlap else decode(s.position)
-        ordered = [chunks[p].result() if overlap else chunks[p] for p in range(plan.num_sections)]
-    frames = to_frames(assemble(ordered, plan.overlap_frames))
-    total = now(device) - t0
+    with tempfile.TemporaryDirectory() as store:
+        ctx = RenderContext("bench", "bench", request, plan, cond, tuple(states), store)
+        shared = Shared(ctx.key, ctx)
+        t0 = now(device)
+        with ThreadPoolExecutor(1) as pool:
+            for section in plan.sections:
+                events = list(generator.generate(SectionJob(shared, section.position, dict(done))))
+                done[section.position] = events[-1]["latents"]
+                section_s.append(events[-1]["seconds"])
+                for s in plan.sections:
+                    if s.position in pending and all(p in done for p in s.decode_needs):
+                        pending.discard(s.position)
+                        chunks[s.position] = pool.submit(decode, s.position) if overlap else decode(s.position)
+            ordered = [chunks[p].result() if overlap else chunks[p] for p in range(plan.num_sections)]
+        halves = [split_chunk(plan, k, chunk) for k, chunk in enumerate(ordered)]
+        segments = [segment_pixels(plan, lead, halves[k - 1][1] if k else None) for k, (lead, _) in enumerate(halves)]
+        frames = np.concatenate([to_frames(seg) for seg in segments])
+        total = now(device) - t0
     latents = [done[s.position] for s in plan.sections]
     return {"total_s": total, "section_s": section_s, "decode_s": [decode_s[p] for p in sorted(decode_s)],
             "latents": latents, "frames": frames, "peak_gib": peak_gib(device)}

@@ -47,7 +47,8 @@ def section_walls(request, pools) -> list[dict]:
         if e["type"] == "section_finished":
             rows.append({"position": e["position"], "function_s": e["seconds"], "wall_s": now - submitted[e["position"]]})
 
-    asyncio.run(run_render(request, pools, on_event=on_event))
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run_render(request, pools, out=Path(tmp) / "video.mp4", on_event=on_event))
     return rows
 
 

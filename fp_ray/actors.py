@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator
 
 import ray
-import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from .coordinator import WorkerLost
-from .encode import Conditioning, Encoded
+from .encode import Encoded
 from .models import ModelSpec
 from .placement import check_placement
 from .request import RenderRequest
-from .schedule import Plan
 from .speed import SpeedOptions
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, SectionOutOfMemory
+from .workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SectionOutOfMemory, SegmentJob,
+                      Shared)
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -214,15 +213,19 @@ class RayPools:
                 if len(tried) > 1 or len(self.generators) < 2:
                     raise
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    async def share(self, context: RenderContext) -> Shared:
+        # One object in the store per render: each actor fetches it once (ContextCache).
+        return Shared(context.key, ray.put(context))
+
+    async def segment(self, job: SegmentJob) -> list[int]:
         for _ in range(self.config.max_restarts):
             try:
                 async with self._queues["decoders"].use() as actor:
-                    return await actor.decode.remote(plan, position, cond, latents)
+                    return await actor.segment.remote(job)
             except LOST:
-                continue  # decoding is pure: run it again on a restarted actor
+                continue  # a segment job is pure (same bytes again): run it on a restarted actor
         async with self._queues["decoders"].use() as actor:
-            return await actor.decode.remote(plan, position, cond, latents)
+            return await actor.segment.remote(job)
 
     async def cancel(self, request_id: str) -> None:
         for actor in self.generators:

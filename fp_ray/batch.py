@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
@@ -27,17 +26,16 @@ import pyarrow.parquet as pq
 import ray
 
 from .actors import PoolConfig
-from .coordinator import generate_sections
-from .decode import assemble, to_frames
+from .coordinator import generate_sections, render_context
 from .encode import decode_image, read_request_images, request_fingerprint
 from .models import ModelSpec
 from .placement import check_placement
 from .render import LocalPools
 from .request import RenderRequest, excerpt, make_request, parse_size
+from .segments import finish_video
 from .speed import SpeedOptions
 from .storage import SAFE_ID, SectionStore, exists, is_uri, join, read_bytes, write_bytes
-from .video import write_mp4
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionOutOfMemory
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext
 
 log = logging.getLogger(__name__)
 
@@ -279,48 +277,40 @@ class GenerateStage(RowStage):
         self.store = SectionStore(store)
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
-        encoded = pickle.loads(payload)
-        done, reused, seconds = asyncio.run(generate_sections(encoded, self.pools, request_id=rid, store=self.store))
+        ctx = render_context(pickle.loads(payload), rid, self.store)
+        done, reused, seconds = asyncio.run(self._generate(ctx))
         record.update(generate_s=seconds, sections_reused=len(reused))
-        return {"id": rid, "record": record, "payload": pickle.dumps((encoded, done))}
+        return {"id": rid, "record": record, "payload": pickle.dumps((ctx, dict(done.items())))}
+
+    async def _generate(self, ctx: RenderContext):
+        return await generate_sections(ctx, await self.pools.share(ctx), self.pools)
 
 
 class DecodeStage(RowStage):
-    """Decodes every chunk, assembles, writes `{out}/{id}.mp4`; every row that reaches it,
-    rendered or failed, has its record written here as it ends."""
+    """The coordinator's tail over this stage's decoder: segments, the joined
+    `{out}/{id}.mp4`. Every row that reaches it, rendered or failed, has its record written
+    here as it ends."""
 
     name = "decode"
 
     def __init__(self, spec: ModelSpec, out: str):
-        self.worker = DecoderWorker(spec)
+        self.pools = LocalPools(decoder=DecoderWorker(spec))
         self.out = out
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
-        encoded, done = pickle.loads(payload)
-        plan, request = encoded.plan, encoded.request
-        t = time.perf_counter()
-        chunks = [self.worker.decode(plan, s.position, encoded.cond, {p: done[p] for p in s.decode_needs})
-                  for s in plan.by_position()]
-        frames = to_frames(assemble(chunks, plan.overlap_frames))
-        t_write = time.perf_counter()
-        output = write_video(frames, self.out, rid, request.fps, request.crf)
-        record.update(output=output, seconds=len(frames) / request.fps, frames=len(frames), sections=plan.num_sections,
-                      decode_s=t_write - t, write_s=time.perf_counter() - t_write)
+        ctx, done = pickle.loads(payload)
+        output, timings = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
+        frames = ctx.plan.pixel_frames
+        record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
+                      decode_s=timings["decode"], write_s=timings["write"])
         return self.ended(record)
+
+    async def _finish(self, ctx: RenderContext, done: dict, where: str):
+        return await finish_video(ctx, await self.pools.share(ctx), self.pools, done, where)
 
     def ended(self, record: dict) -> dict:
         write_record(self.out, record)
         return {"id": record["id"], "record": record}
-
-
-def write_video(frames, out: str, rid: str, fps: int, crf: int) -> str:
-    where = video_location(out, rid)
-    if not is_uri(out):
-        return str(write_mp4(frames, where, fps, crf))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = write_mp4(frames, Path(tmp) / "video.mp4", fps, crf)
-        write_bytes(where, local.read_bytes())
-    return where
 
 
 # ---- the job ----------------------------------------------------------------------------

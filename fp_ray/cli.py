@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a render's wall time
+
 import argparse
 import os
 import sys
@@ -145,6 +149,8 @@ def cmd_render(args: argparse.Namespace) -> None:
     out = writable_file(args.out, "--out", ".mp4")
     if args.previews:
         writable_folder(args.previews, "--previews")
+    if args.progressive:
+        writable_file(args.progressive, "--progressive", ".mp4")
     if args.store and not is_uri(args.store):
         writable_folder(args.store, "--store")
     spec = load_spec(args, request.model).for_schedule(request.schedule)  # a hub id: the matching transformer
@@ -156,6 +162,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         kind, key = e["type"], f"section {e.get('position')}"
         if kind == "plan":
             bars["sections"] = tqdm(total=e["sections"], initial=len(e["reused"]), desc="sections", unit="sec", position=0)
+            bars["segments"] = tqdm(total=e["sections"], desc="segments", unit="seg", position=1)
         elif kind == "section_started":
             bars[key] = tqdm(total=e["steps"], desc=key, unit="step", position=len(bars), leave=False)
         elif kind == "step":
@@ -167,6 +174,12 @@ def cmd_render(args: argparse.Namespace) -> None:
             else:  # a worker was lost mid-section: say so, once, and that it runs again
                 tqdm.write(f"fp-ray: section {e['position']}: {e['error']}; running it again (attempt {e['attempt'] + 1})",
                            file=sys.stderr)
+        elif kind == "section_decoded" and "segments" in bars:  # decoded, crossfaded, encoded
+            bars["segments"].update(1)
+        elif kind == "writing":
+            for bar in bars.values():
+                bar.close()
+            print(f"joining {e['segments']} segments into {out}", file=sys.stderr)
 
     if args.ray:
         import asyncio
@@ -177,17 +190,19 @@ def cmd_render(args: argparse.Namespace) -> None:
         connect(args.address)
         pools = RayPools(spec.model, pool_config(args))
         pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
+        startup = time.perf_counter() - STARTED
         result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
-                                        preview_dir=args.previews))
+                                        preview_dir=args.previews, progressive=args.progressive))
     else:
         components = spec.load()
         apply_speed(components.transformer, speed_from_args(args))
+        startup = time.perf_counter() - STARTED
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
-                        request_id=args.id)
-    bars["sections"].close()
+                        request_id=args.id, progressive=args.progressive)
     t = result.timings
-    print(f"wrote {result.path}: {len(result.frames)} frames, {result.plan.num_sections} sections, "
-          f"{t['total']:.1f} s (generate {t['generate']:.1f} s, decode {t['decode']:.1f} s)")
+    print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
+          f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
+          f"+ write {t['write']:.1f} s (decoding also ran {t['decode_overlap']:.1f} s alongside generation)")
 
 
 def _first_existing(path: Path) -> Path:
@@ -399,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p_render = sub.add_parser("render", help="render one video to mp4 in this process")
     add_request_args(p_render)
     p_render.add_argument("--out", default="video.mp4", help="output mp4 (default %(default)s)")
-    p_render.add_argument("--previews", help="folder for one preview mp4 per decoded section")
+    p_render.add_argument("--previews", help="folder for one preview mp4 per segment (each section's part of the video)")
+    p_render.add_argument("--progressive", help="fragmented mp4 of the finished start of the video, growing while it renders")
     add_load_args(p_render)
     p_render.set_defaults(func=cmd_render)
     p_render.add_argument("--ray", action="store_true", help="render on a Ray cluster's actors (see --address)")

@@ -1,8 +1,19 @@
-"""Decode sections on the VAE and assemble them with the reference soft-append."""
+"""Decode sections on the VAE and cut the video into segments with the reference soft-append.
+
+Chunk k (time order) is section k's decode span. Neighbouring chunks share `overlap` pixel
+frames, which the reference crossfades (soft-append); no output frame depends on more than
+two chunks, so the timeline cuts into segments at fixed places:
+
+    segment 0 = lead 0                      lead k = chunk k without its tail
+    segment k = crossfade(tail k-1, lead k) tail k = the last `overlap` frames of chunk k
+
+Segment k is final once chunks k-1 and k are decoded, whatever order they decode in; its
+frames are those of the old whole-video fold, bit for bit (same ops on the same values).
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -44,13 +55,29 @@ def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int) -> t
     return torch.cat([history[:, :, :-overlap], blended, current[:, :, overlap:]], dim=2).to(history)
 
 
-def assemble(chunks: Sequence[torch.Tensor], overlap: int) -> torch.Tensor:
-    """Join decoded chunks in time order. Each crossfade touches only its own seam, so the
-    result does not depend on the order chunks were decoded in."""
-    video = chunks[0]
-    for chunk in chunks[1:]:
-        video = soft_append(video, chunk, overlap)
-    return video
+def split_chunk(plan: Plan, position: int, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lead, tail) of chunk `position`: the tail is what the next chunk crossfades into
+    (None for the last chunk)."""
+    if position == plan.num_sections - 1:
+        return chunk, None
+    overlap = plan.overlap_frames
+    return chunk[:, :, :-overlap], chunk[:, :, -overlap:]
+
+
+def segment_pixels(plan: Plan, lead: torch.Tensor, previous_tail: torch.Tensor | None) -> torch.Tensor:
+    """Segment k's pixels (1, 3, F, H, W): lead k, crossfaded from tail k-1 (None for k = 0)."""
+    return lead if previous_tail is None else soft_append(previous_tail, lead, plan.overlap_frames)
+
+
+def segment_frames(plan: Plan) -> list[int]:
+    """Pixel frames of each segment, a pure function of the plan: its place in the mp4."""
+    overlap = plan.overlap_frames
+    counts = []
+    for s in plan.by_position():
+        start, stop = s.decode_span
+        frames = 4 * (stop - start - 1) + 1
+        counts.append(frames - (overlap if s.position < plan.num_sections - 1 else 0))
+    return counts
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:

@@ -58,7 +58,7 @@ def section_steps(
     section: Section,
     cond: Conditioning,
     done: Mapping[int, torch.Tensor],
-    noise: NoiseStream,
+    noise: torch.Tensor,
     *,
     sampler: str,
     steps: int,
@@ -66,7 +66,8 @@ def section_steps(
     cache_threshold: float | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(step, steps, latents) after each step; the last latents are the section's clean
-    (1, 16, window, h, w) float32 latents, on the CPU. Pure in its inputs. The prompt reaches
+    (1, 16, window, h, w) float32 latents, on the CPU. `noise`: the section's draw from the
+    request's stream (`NoiseStream.draw(section.order)`). Pure in its inputs. The prompt reaches
     the transformer without its padding; `cache_threshold` turns on the step cache (fast mode)."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
@@ -77,7 +78,7 @@ def section_steps(
         sampler,
         steps,
         guidance,
-        noise=noise.draw(section.order),
+        noise=noise,
         text=trim_text(cond.text[section.prompt]),
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),

@@ -231,7 +231,38 @@ def load_components(
     for name in ("transformer", "vae") + ENCODERS:
         if getattr(components, name) is not None:
             _place(components, name, getattr(components, name))
+    if components.vae is not None:
+        prefer_onednn_convs(components.vae)
     return components
+
+
+def prefer_onednn_convs(vae) -> None:
+    """Run the VAE's 3D convolutions on oneDNN on the CPU.
+
+    PyTorch sends a CPU float32 convolution to its slow im2col kernel when
+    N*C*T*H <= 20480 (a heuristic written for 2D convolutions). The tiny checkpoint's VAE
+    has 8-16 channels, so most of its full-resolution convolutions fell under it and ran
+    5-10x slower than oneDNN on the same shapes: the decoder was most of a CPU render.
+    Real checkpoints (128+ channels) never hit it; on them this changes nothing.
+    """
+    if vae.device.type != "cpu" or vae.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d) and module.padding_mode == "zeros":
+            module.forward = _OneDnnConv3d(module)
+
+
+class _OneDnnConv3d:
+    """Conv3d.forward through aten's oneDNN kernel (same weights, same padding)."""
+
+    def __init__(self, conv: torch.nn.Conv3d):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return torch.nn.functional.conv3d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return torch.mkldnn_convolution(x.contiguous(), c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
 
 
 def _scheduler_config(base: str) -> dict:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import AsyncIterator, Mapping
-
-import torch
+from typing import AsyncIterator
 
 from .coordinator import OnEvent, RenderResult, run_render
-from .encode import Conditioning, Encoded
+from .encode import Encoded
 from .models import Components, cached_components
 from .request import RenderRequest
-from .schedule import Plan
 from .storage import SectionStore
-from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
+from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob, Shared, iterate_in_thread
 
 __all__ = ["LocalPools", "RenderResult", "render"]
 
@@ -41,14 +38,17 @@ class LocalPools:
     async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         return await asyncio.to_thread(self.encoder.encode, request, images)
 
+    async def share(self, context: RenderContext) -> Shared:
+        return Shared(context.key, context)  # one process: the object itself
+
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         async with self._generating:
             async for event in iterate_in_thread(self.generator.generate(job)):
                 yield event
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    async def segment(self, job: SegmentJob) -> list[int]:
         async with self._decoding:
-            return await asyncio.to_thread(self.decoder.decode, plan, position, cond, latents)
+            return await asyncio.to_thread(self.decoder.segment, job)
 
     async def cancel(self, request_id: str) -> None:
         self.generator.cancel(request_id)
@@ -56,15 +56,18 @@ class LocalPools:
 
 def render(
     request: RenderRequest,
-    out: str | Path | None,
+    out: str | Path,
     components: Components | None = None,
     on_event: OnEvent | None = None,
     preview_dir: str | Path | None = None,
     store: SectionStore | None = None,
     request_id: str | None = None,
+    progressive: str | Path | None = None,
+    keep_latents: bool = False,
 ) -> RenderResult:
-    """Render `request` to the mp4 at `out` (None: keep frames in memory only) in this process."""
+    """Render `request` to the mp4 at `out` in this process (`run_render`'s arguments)."""
     pools = LocalPools.from_components(components or cached_components(request.model))
     return asyncio.run(
-        run_render(request, pools, out=out, store=store, request_id=request_id, on_event=on_event, preview_dir=preview_dir)
+        run_render(request, pools, out=out, store=store, request_id=request_id, on_event=on_event,
+                   preview_dir=preview_dir, progressive=progressive, keep_latents=keep_latents)
     )

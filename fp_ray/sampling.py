@@ -68,6 +68,23 @@ class NoiseStream:
             randn_tensor(shape, generator=self._generator, dtype=dtype)
         self._next = 0
 
+    def section_states(self, count: int) -> list[torch.Tensor]:
+        """The generator's state before each of the first `count` section draws, taken in one
+        pass: with them section k's noise is one draw (`draw_at`), not a replay of k draws."""
+        self._restart()
+        states = []
+        for _ in range(count):
+            states.append(self._generator.get_state())
+            randn_tensor(self.shape, generator=self._generator, dtype=torch.float32)
+        self._next = count
+        return states
+
+    def draw_at(self, state: torch.Tensor) -> torch.Tensor:
+        """The section draw that starts at generator `state` (from `section_states`)."""
+        generator = torch.Generator("cpu")
+        generator.set_state(state)
+        return randn_tensor(self.shape, generator=generator, dtype=torch.float32)
+
     def draw(self, order: int) -> torch.Tensor:
         if self._generator is None or order < self._next:
             self._restart()

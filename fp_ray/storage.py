@@ -1,8 +1,10 @@
 """Where renders keep their work: a local folder or any `pyarrow.fs` URI (s3://, gs://, ...).
 
-Section checkpoints live at `{root}/{request_id}/{fingerprint[:16]}/section_{k:03d}.safetensors`:
-the request id names the render, the fingerprint (request fields + image bytes) makes sure a
-reused id with different content never reads stale sections.
+A render's work lives under `{root}/{request_id}/{fingerprint[:16]}/`: the section latents
+(`section_{k:03d}.safetensors`), the finished video segments (`segment_{k:03d}.mp4`) and, while
+a segment waits for its neighbour, the decoded pixels of its seam (`lead_{k:03d}` /
+`tail_{k:03d}.safetensors`). The request id names the render, the fingerprint (request fields
++ image bytes) makes sure a reused id with different content never reads stale work.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from pyarrow import fs as pafs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -31,14 +32,24 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
-def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
+def filesystem(location: str | os.PathLike):
+    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix.
+    pyarrow is imported here only: local files need none (a GPU box running the Ray-free
+    modules may not have it)."""
+    from pyarrow import fs as pafs
+
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).resolve())
     try:
         return pafs.FileSystem.from_uri(str(location))
     except (ValueError, OSError) as e:
         raise StorageError(f"cannot open storage {location}: {e}") from None
+
+
+def _is_file(fs, path: str) -> bool:
+    from pyarrow import fs as pafs
+
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def join(location: str, *parts: str) -> str:
@@ -60,7 +71,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         except urllib.error.URLError as e:
             raise StorageError(f"cannot fetch {location}: {e.reason}") from None
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    if not _is_file(fs, path):
         raise FileNotFoundError(location)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -68,22 +79,38 @@ def read_bytes(location: str | os.PathLike) -> bytes:
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write atomically: readers see the old object or the whole new one, never a part."""
+    if not is_uri(location):
+        path = Path(location).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
     fs, path = filesystem(location)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:  # object stores publish an object only when its upload completes
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:  # object stores publish an object only when its upload completes
+        f.write(data)
 
 
 def exists(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).is_file()
+    return _is_file(*filesystem(location))
+
+
+def delete(location: str | os.PathLike) -> None:
+    """Remove an object if it exists."""
+    if not is_uri(location):
+        if Path(location).is_file():
+            Path(location).unlink(missing_ok=True)
+        return
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    if _is_file(fs, path):
+        fs.delete_file(path)
 
 
 def fingerprint(request_json: str, *images: bytes | None) -> str:
@@ -95,30 +122,36 @@ def fingerprint(request_json: str, *images: bytes | None) -> str:
 
 
 class SectionStore:
-    """Finished section latents of every render, keyed by request id, fingerprint and position."""
+    """Finished sections and segments of every render, keyed by request id, fingerprint and position."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = str(root)
-        filesystem(self.root)  # fail early on an unusable URI
+        if is_uri(self.root):
+            filesystem(self.root)  # fail early on an unusable URI
 
-    def location(self, request_id: str, fingerprint: str, position: int) -> str:
+    def location(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> str:
+        """kind: section (latents), segment (mp4), lead or tail (seam pixels)."""
         if not SAFE_ID.match(request_id):
             raise StorageError(f"request id {request_id!r} is not a safe name ([A-Za-z0-9._-], 1-128 chars)")
-        return join(self.root, request_id, fingerprint[:16], f"section_{position:03d}.safetensors")
+        suffix = "mp4" if kind == "segment" else "safetensors"
+        return join(self.root, request_id, fingerprint[:16], f"{kind}_{position:03d}.{suffix}")
 
-    def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor) -> str:
-        where = self.location(request_id, fingerprint, position)
+    def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor, kind: str = "section") -> str:
+        where = self.location(request_id, fingerprint, position, kind)
         meta = {"fingerprint": fingerprint, "position": str(position)}
         write_bytes(where, save_safetensors({"latents": latents.contiguous()}, metadata=meta))
         return where
 
-    def load(self, request_id: str, fingerprint: str, position: int) -> torch.Tensor | None:
-        """The section's latents, or None when it was never finished."""
+    def load(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> torch.Tensor | None:
+        """The saved tensor (section latents, seam pixels), or None when there is none."""
         try:
-            data = read_bytes(self.location(request_id, fingerprint, position))
+            data = read_bytes(self.location(request_id, fingerprint, position, kind))
         except FileNotFoundError:
             return None
         return load_safetensors(data)["latents"]
+
+    def has(self, request_id: str, fingerprint: str, position: int, kind: str) -> bool:
+        return exists(self.location(request_id, fingerprint, position, kind))
 
     def load_all(self, request_id: str, fingerprint: str, positions) -> dict[int, torch.Tensor]:
         found = {p: self.load(request_id, fingerprint, p) for p in positions}

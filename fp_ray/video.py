@@ -1,43 +1,35 @@
-"""mp4 writing through PyAV (libx264). Files appear whole or not at all."""
+"""mp4 through PyAV (libx264): encode a segment, join segments without re-encoding, and a
+fragmented mp4 that grows as the time-ordered prefix of a render finishes. Files appear
+whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
 
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
+FASTSTART = {"movflags": "+faststart", "fflags": "+bitexact"}  # moov first: plays before it is all loaded
+FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact"}
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16) -> Path:
-    """Encode (F, H, W, 3) uint8 frames as H.264 yuv420p. Written to a temporary file in the
-    target folder and renamed into place, so a crash never leaves a truncated video."""
+@contextlib.contextmanager
+def _atomic(path: str | Path) -> Iterator[str]:
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames_count, height, width, _ = frames.shape
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        with av.open(tmp, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = width, height
-            stream.pix_fmt = "yuv420p"
-            stream.time_base = Fraction(1, fps)
-            # mbtree off: with it x264 gave different bytes for the same frames from run to
-            # run (seen at every size tried); renders must be byte-identical wherever they run.
-            stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS), "x264-params": "mbtree=0"}
-            for i in range(frames_count):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-                frame.pts = i  # explicit timestamps: the encoder must not guess them
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a video is an ordinary file
@@ -45,10 +37,91 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
-def read_frames(path: str | Path) -> np.ndarray:
-    """Decode a video to (F, H, W, 3) uint8 RGB."""
-    with av.open(str(path)) as container:
+def _encode(frames: np.ndarray, target, fps: int, crf: int) -> None:
+    frames_count, height, width, _ = frames.shape
+    with av.open(target, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        # mbtree off: with it x264 gave different bytes for the same frames from run to
+        # run (seen at every size tried); renders must be byte-identical wherever they run.
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS), "x264-params": "mbtree=0"}
+        for i in range(frames_count):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            frame.pts = i  # explicit timestamps: the encoder must not guess them
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16) -> Path:
+    """Encode (F, H, W, 3) uint8 frames as H.264 yuv420p. Written to a temporary file in the
+    target folder and renamed into place, so a crash never leaves a truncated video."""
+    with _atomic(path) as tmp:
+        _encode(frames, tmp, fps, crf)
+    return Path(path)
+
+
+def encode_segment(frames: np.ndarray, fps: int, crf: int) -> bytes:
+    """(F, H, W, 3) uint8 -> the bytes of an mp4 (a segment: a few MB, starts on a keyframe)."""
+    buffer = io.BytesIO()
+    _encode(frames, buffer, fps, crf)
+    return buffer.getvalue()
+
+
+class SegmentJoiner:
+    """Muxes segments (mp4 bytes, same codec settings) one after another into one stream,
+    copying packets and shifting their timestamps: no re-encoding."""
+
+    def __init__(self, target: str, fps: int, options: dict[str, str]):
+        self.fps = fps
+        self.container = av.open(target, mode="w", format="mp4", options=options)
+        self.stream = None
+        self.frames = 0
+
+    def append(self, segment: bytes) -> int:
+        """Mux one segment after those before; returns its frame count."""
+        frame_time = Fraction(1, self.fps)
+        count = 0
+        with av.open(io.BytesIO(segment)) as source:
+            src = source.streams.video[0]
+            if self.stream is None:
+                self.stream = self.container.add_stream_from_template(src)
+                self.stream.time_base = frame_time
+            for packet in source.demux(src):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                # timestamps in frames: exact at any fps, whatever timescale the muxer chose
+                pts, dts, duration = (round(t * packet.time_base / frame_time) for t in (packet.pts, packet.dts, packet.duration))
+                packet.time_base = frame_time
+                packet.pts, packet.dts, packet.duration = pts + self.frames, dts + self.frames, duration
+                packet.stream = self.stream
+                self.container.mux(packet)
+                count += 1
+        self.frames += count
+        return count
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def join_segments(segments: Iterable[bytes], path: str | Path, fps: int) -> Path:
+    """The segments in order as one mp4 (moov at the front), written atomically."""
+    with _atomic(path) as tmp:
+        joiner = SegmentJoiner(tmp, fps, FASTSTART)
+        try:
+            for segment in segments:
+                joiner.append(segment)
+        finally:
+            joiner.close()
+    return Path(path)
+
+
+def read_frames(path: str | Path | io.BytesIO) -> np.ndarray:
+    """Decode a video (a file or its bytes in a BytesIO) to (F, H, W, 3) uint8 RGB."""
+    with av.open(path if isinstance(path, io.BytesIO) else str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -1,4 +1,5 @@
-"""The three kinds of work a render is made of, each holding the model parts it needs.
+"""The three kinds of work a render is made of, each holding the model parts it needs, and
+the jobs that ask for them.
 
 Ray actors, Ray Data stages and Serve replicas wrap these classes and add no model logic;
 `fp-ray render` runs them in one process.
@@ -12,20 +13,20 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from typing import AsyncIterator, Iterator, Mapping
 
 import torch
 
-from .decode import decode_chunk, decode_input
+from .decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
 from .encode import Conditioning, Encoded, encode_request
 from .generate import noise_stream, section_steps
 from .devices import memory_figures
 from .models import Components, ModelSpec
 from .request import RenderRequest
-from .sampling import NoiseStream
 from .schedule import Plan
 from .speed import SpeedOptions, apply_speed, decode_stream
-from .storage import SectionStore
+from .storage import SectionStore, delete, write_bytes
 
 
 class Cancelled(RuntimeError):
@@ -53,17 +54,81 @@ def worker_name() -> str:
 
 
 @dataclass(frozen=True)
-class SectionJob:
-    """One section to generate. `context` holds the latents of the sections it depends on."""
+class RenderContext:
+    """What every task of one render shares. It goes to each worker once per render (the
+    coordinator shares it, e.g. as one Ray object ref); tasks carry only a `Shared` handle."""
 
     request_id: str
     fingerprint: str
     request: RenderRequest
     plan: Plan
-    position: int
     cond: Conditioning
+    noise_states: tuple[torch.Tensor, ...]  # generator state before each section's draw, by order
+    store: str  # SectionStore root: section latents, segments, seam pixels
+
+    @property
+    def key(self) -> str:
+        return f"{self.request_id}/{self.fingerprint}"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A handle on a RenderContext: the context itself (one process) or a Ray ObjectRef."""
+
+    key: str
+    ref: object
+
+
+def resolve(ref: object) -> RenderContext:
+    if isinstance(ref, RenderContext):
+        return ref
+    import ray  # only a Ray pool hands out object refs
+
+    return ray.get(ref)
+
+
+class ContextCache:
+    """The contexts of a worker's recent renders, each fetched once."""
+
+    SIZE = 8
+
+    def __init__(self):
+        self._contexts: OrderedDict[str, RenderContext] = OrderedDict()
+
+    def get(self, shared: Shared) -> RenderContext:
+        context = self._contexts.pop(shared.key, None) or resolve(shared.ref)
+        self._contexts[shared.key] = context
+        while len(self._contexts) > self.SIZE:
+            self._contexts.popitem(last=False)
+        return context
+
+
+@dataclass(frozen=True)
+class SectionJob:
+    """One section to generate. `context` holds the latents of the sections it depends on."""
+
+    shared: Shared
+    position: int
     context: Mapping[int, torch.Tensor]
-    store: str | None = None  # SectionStore root: the finished section is saved there first
+
+
+class SegmentAction(str, Enum):
+    MAKE = "make"  # encode the segment now (its other half is in the store, or not needed)
+    KEEP = "keep"  # save this half to the store for whichever task decodes the neighbour
+    SKIP = "skip"  # the segment exists already (a resumed render)
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Decode chunk `position` (latents: the sections its span covers) and deal with its two
+    halves: the lead ends segment `position`, the tail starts segment `position + 1`.
+    latents None: a join, both halves of segment `position` wait in the store."""
+
+    shared: Shared
+    position: int
+    latents: Mapping[int, torch.Tensor] | None
+    left: SegmentAction = SegmentAction.MAKE
+    right: SegmentAction = SegmentAction.SKIP
 
 
 class EncoderWorker:
@@ -83,13 +148,11 @@ class EncoderWorker:
 class GeneratorWorker:
     """The transformer, resident: generates sections of any request, one at a time."""
 
-    NOISE_STREAMS = 8  # requests whose noise streams are kept warm
-
     def __init__(self, spec: ModelSpec | None = None, components: Components | None = None, speed: SpeedOptions | dict | None = None):
         self.components = components or spec.load(("transformer",))
         if speed is not None:  # None: the components run as they were prepared
             apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
-        self._noise: OrderedDict[str, NoiseStream] = OrderedDict()
+        self.contexts = ContextCache()
         self._cancelled: set[str] = set()
         self.name = worker_name()
 
@@ -97,54 +160,80 @@ class GeneratorWorker:
         """Stop `request_id`'s section at its next step (called from another thread)."""
         self._cancelled.add(request_id)
 
-    def _noise_stream(self, job: SectionJob) -> NoiseStream:
-        # Sections of one request asked in order continue the stream instead of replaying it.
-        stream = self._noise.pop(job.fingerprint, None) or noise_stream(job.plan, job.cond, job.request.seed)
-        self._noise[job.fingerprint] = stream
-        while len(self._noise) > self.NOISE_STREAMS:
-            self._noise.popitem(last=False)
-        return stream
-
     def generate(self, job: SectionJob) -> Iterator[dict]:
         """Yield {"type": "step"} events, then {"type": "latents", "latents": (1, 16, W, h, w)}.
-        With `job.store` the section is checkpointed before it is reported finished."""
-        self._cancelled.discard(job.request_id)
-        self.components.spec.check(job.request.schedule)  # the weights this worker holds
+        The section is checkpointed in the render's store before it is reported finished."""
+        ctx = self.contexts.get(job.shared)
+        self._cancelled.discard(ctx.request_id)
+        self.components.spec.check(ctx.request.schedule)  # the weights this worker holds
         t0 = time.perf_counter()
-        section = job.plan.section(job.position)
-        r = job.request
+        section = ctx.plan.section(job.position)
+        r = ctx.request
         yield {"type": "started", "position": job.position, "worker": self.name}
+        noise = noise_stream(ctx.plan, ctx.cond, r.seed).draw_at(ctx.noise_states[section.order])
         steps = section_steps(
-            self.components, job.plan, section, job.cond, job.context, self._noise_stream(job),
+            self.components, ctx.plan, section, ctx.cond, job.context, noise,
             sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
         )
         try:
             for step, total, latents in steps:
-                if job.request_id in self._cancelled:
+                if ctx.request_id in self._cancelled:
                     steps.close()
-                    raise Cancelled(f"render {job.request_id} cancelled at section {job.position}, step {step}")
+                    raise Cancelled(f"render {ctx.request_id} cancelled at section {job.position}, step {step}")
                 yield {"type": "step", "position": job.position, "step": step, "steps": total, "worker": self.name}
         except torch.OutOfMemoryError as e:
             policy = self.components.policy
             raise SectionOutOfMemory(
                 f"section {job.position} ran out of GPU memory on {self.name} in memory mode {policy.memory} "
-                f"({job.plan.latent_width * 8}x{job.plan.latent_height * 8}, window {job.plan.window}): "
+                f"({ctx.plan.latent_width * 8}x{ctx.plan.latent_height * 8}, window {ctx.plan.window}): "
                 f"{memory_figures(policy.device)}; try --memory offload or a smaller size") from e
-        if job.store is not None:
-            SectionStore(job.store).save(job.request_id, job.fingerprint, job.position, latents)
+        SectionStore(ctx.store).save(ctx.request_id, ctx.fingerprint, job.position, latents)
         yield {"type": "latents", "position": job.position, "latents": latents, "worker": self.name,
                "seconds": time.perf_counter() - t0, "steps": total}
 
 
 class DecoderWorker:
-    """The tiled VAE decoder: a section's latent span -> its pixel chunk."""
+    """The tiled VAE decoder: decodes a section's chunk, crossfades its seams and encodes the
+    segments it completes (H.264) into the render's store. No pixels leave the worker except
+    a seam's half, through the store, when its neighbour is not decoded yet."""
 
     def __init__(self, spec: ModelSpec | None = None, components: Components | None = None):
         self.components = components or spec.load(("vae",))
+        self.contexts = ContextCache()
         self.name = worker_name()
 
-    def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """(1, 3, F, H, W) in [-1, 1], VAE dtype, on the CPU."""
-        section = plan.section(position)
-        with decode_stream(self.components.device):  # overlaps the generator's kernels on a shared GPU
-            return decode_chunk(self.components.vae, decode_input(plan, section, cond, latents))
+    def segment(self, job: SegmentJob) -> list[int]:
+        """The segments this job finished (written to the store)."""
+        ctx = self.contexts.get(job.shared)
+        store, k, ids = SectionStore(ctx.store), job.position, (ctx.request_id, ctx.fingerprint)
+        if job.latents is None:
+            lead, tail = store.load(*ids, k, "lead"), None
+        else:
+            with decode_stream(self.components.device):  # overlaps the generator's kernels on a shared GPU
+                chunk = decode_chunk(self.components.vae, decode_input(ctx.plan, ctx.plan.section(k), ctx.cond, job.latents))
+            lead, tail = split_chunk(ctx.plan, k, chunk)
+        made = []
+        if job.left == SegmentAction.MAKE:
+            previous_tail = store.load(*ids, k - 1, "tail") if k > 0 else None
+            made.append(self._make(ctx, store, k, lead, previous_tail))
+        elif job.left == SegmentAction.KEEP:
+            store.save(*ids, k, lead, "lead")
+        if tail is not None and job.right == SegmentAction.MAKE:
+            made.append(self._make(ctx, store, k + 1, store.load(*ids, k + 1, "lead"), tail))
+        elif tail is not None and job.right == SegmentAction.KEEP:
+            store.save(*ids, k, tail, "tail")
+        return made
+
+    @staticmethod
+    def _make(ctx: RenderContext, store: SectionStore, k: int, lead: torch.Tensor, previous_tail: torch.Tensor | None) -> int:
+        if lead is None or (k > 0 and previous_tail is None):
+            raise FileNotFoundError(f"segment {k} of render {ctx.request_id}: a seam half is missing from {ctx.store}")
+        from .video import encode_segment  # PyAV: only where segments are encoded, not on every generator box
+
+        frames = to_frames(segment_pixels(ctx.plan, lead, previous_tail))
+        ids = (ctx.request_id, ctx.fingerprint)
+        write_bytes(store.location(*ids, k, "segment"), encode_segment(frames, ctx.request.fps, ctx.request.crf))
+        delete(store.location(*ids, k, "lead"))
+        if k > 0:
+            delete(store.location(*ids, k - 1, "tail"))
+        return k

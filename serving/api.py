@@ -280,6 +280,17 @@ def make_api() -> FastAPI:
             raise HTTPException(404, f"section {position} of {rid} is not decoded yet")
         return FileResponse(path, media_type="video/mp4")
 
+    @api.get("/v1/renders/{rid}/progressive.mp4")
+    async def progressive(request: Request, rid: str):
+        """The finished time-ordered prefix as a fragmented mp4 (forward and bidirectional
+        schedules finish the start early); it grows while the render runs."""
+        authorize(request)
+        record_or_404(request, rid)
+        path = service(request).progressive_path(rid)
+        if not path.is_file():
+            raise HTTPException(404, f"render {rid} has no finished prefix yet")
+        return FileResponse(path, media_type="video/mp4")
+
     @api.get("/v1/renders/{rid}/video.mp4")
     async def video(request: Request, rid: str):
         authorize(request)

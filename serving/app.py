@@ -13,21 +13,21 @@ import asyncio
 import dataclasses
 import logging
 import os
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator
 
-import torch
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import LOST
 from fp_ray.coordinator import WorkerLost
-from fp_ray.encode import Conditioning, Encoded
+from fp_ray.encode import Encoded
 from fp_ray.models import ModelSpec
 from fp_ray.request import RenderRequest
-from fp_ray.schedule import Plan
 from fp_ray.storage import SectionStore
-from fp_ray.workers import Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, SectionJob, iterate_in_thread
+from fp_ray.workers import (Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob,
+                            Shared, iterate_in_thread)
 from serving.api import bind_service, make_api
 from serving.service import CANCELLED_TOKEN, RenderService, ServiceConfig, owner_location, read_owner
 
@@ -54,14 +54,15 @@ class Generator:
         """The section's events. Between two steps the render's owner token is read again: once
         it changed (a cancel, or another ingress took the render over) the section stops there,
         before its checkpoint, even if the caller's cancellation never reached this replica."""
-        token = owner_location(SectionStore(job.store), job.request_id) if job.store else None
-        owner = await asyncio.to_thread(read_owner, token) if token else None
-        if token and owner in (None, CANCELLED_TOKEN):  # the render was cancelled (and its files removed)
-            raise Cancelled(f"render {job.request_id}: section {job.position} not started, the render was cancelled")
+        ctx = await asyncio.to_thread(self.worker.contexts.get, job.shared)
+        token = owner_location(SectionStore(ctx.store), ctx.request_id)
+        owner = await asyncio.to_thread(read_owner, token)
+        if owner in (None, CANCELLED_TOKEN):  # the render was cancelled (and its files removed)
+            raise Cancelled(f"render {ctx.request_id}: section {job.position} not started, the render was cancelled")
         async for event in iterate_in_thread(self.worker.generate(job)):
             yield event
-            if token and await asyncio.to_thread(read_owner, token) != owner:
-                raise Cancelled(f"render {job.request_id}: section {job.position} stopped, its owner changed")
+            if await asyncio.to_thread(read_owner, token) != owner:
+                raise Cancelled(f"render {ctx.request_id}: section {job.position} stopped, its owner changed")
 
 
 @serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5})
@@ -69,8 +70,8 @@ class Decoder:
     def __init__(self, spec: ModelSpec):
         self.worker = DecoderWorker(spec)
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        return await asyncio.to_thread(self.worker.decode, plan, position, cond, latents)
+    async def segment(self, job: SegmentJob) -> list[int]:
+        return await asyncio.to_thread(self.worker.segment, job)
 
 
 class ServePools:
@@ -95,17 +96,21 @@ class ServePools:
             stream.cancel()  # say so to the replica explicitly: its slot frees now, not after the section
             raise
 
-    async def decode(self, plan: Plan, position: int, cond: Conditioning, latents: Mapping[int, torch.Tensor],
-                     attempts: int = 3) -> torch.Tensor:
-        """A lost decoder replica is retried like a lost generator: Serve restarts the replica
-        and the chunk's latents are still here."""
+    async def share(self, context: RenderContext) -> Shared:
+        # One object ref per render; replicas fetch it once each. Segments go to the store:
+        # the ingress sees no pixels.
+        return Shared(context.key, ray.put(context))
+
+    async def segment(self, job: SegmentJob, attempts: int = 3) -> list[int]:
+        """A lost decoder replica is retried like a lost generator: Serve restarts the replica,
+        and a segment job is pure (its inputs are here and in the store)."""
         for attempt in range(1, attempts + 1):
             try:
-                return await self.decoder.decode.remote(plan, position, cond, latents)
+                return await self.decoder.segment.remote(job)
             except LOST as e:
-                log.warning("decoder replica lost decoding section %s (attempt %d): %r", position, attempt, e)
+                log.warning("decoder replica lost on chunk %s (attempt %d): %r", job.position, attempt, e)
                 if attempt == attempts:
-                    raise WorkerLost(f"decoder replica lost {attempts} times decoding section {position}") from e
+                    raise WorkerLost(f"decoder replica lost {attempts} times decoding section {job.position}") from e
 
     async def cancel(self, request_id: str) -> None:
         """Nothing to do: cancelling the render's task cancels its in-flight Serve requests."""

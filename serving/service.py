@@ -133,6 +133,10 @@ class RenderService:
     def video_path(self, rid: str) -> Path:
         return self.folder(rid) / "video.mp4"
 
+    def progressive_path(self, rid: str) -> Path:
+        """Fragmented mp4 of the render's finished time-ordered prefix, growing as it renders."""
+        return self.folder(rid) / "progressive.mp4"
+
     def preview_path(self, rid: str, position: int) -> Path:
         return self.folder(rid) / "previews" / f"section_{position:03d}.mp4"
 
@@ -235,7 +239,7 @@ class RenderService:
             images = await asyncio.to_thread(self._read_inputs, rid, request)
             result = await run_render(request, self.pools, out=self.video_path(rid), store=self.store, request_id=rid,
                                       on_event=lambda e: self._on_event(render, e), images=images,
-                                      preview_dir=self.folder(rid) / "previews")
+                                      preview_dir=self.folder(rid) / "previews", progressive=self.progressive_path(rid))
         except asyncio.CancelledError:
             if render.cancelled_by_user:  # cancel() already wrote the record
                 self.metrics.cancelled.inc()
@@ -247,10 +251,10 @@ class RenderService:
                 self.metrics.failed.inc()
                 self._publish(render, {"type": "failed", "error": user_error(e)})
         else:
-            if ended := await self.db(self.records.update, rid, owner, status="finished", frames=len(result.frames), eta_s=0.0):
+            if ended := await self.db(self.records.update, rid, owner, status="finished", frames=result.frames, eta_s=0.0):
                 self.metrics.finished.inc()
-                self.metrics.video_seconds.inc(len(result.frames) / request.fps)
-                self._publish(render, {"type": "finished", "frames": len(result.frames)})
+                self.metrics.video_seconds.inc(result.frames / request.fps)
+                self._publish(render, {"type": "finished", "frames": result.frames})
         finally:
             self.metrics.queue_depth.dec()
             self.live.pop(rid, None)

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fp_ray import TINY_CHECKPOINT
@@ -20,6 +21,37 @@ from fp_ray.models import cached_components
 def components():
     """The tiny checkpoint, loaded once for the whole run."""
     return cached_components(str(TINY_CHECKPOINT))
+
+
+@pytest.fixture(scope="session")
+def video_frames(components):
+    """(plan, cond, latents by position) -> the video's (F, H, W, 3) uint8 frames, before
+    H.264: every chunk decoded, cut and crossfaded into segments by the workers' functions."""
+    from fp_ray.decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
+
+    def frames(plan, cond, done):
+        parts = [split_chunk(plan, s.position, decode_chunk(components.vae, decode_input(plan, s, cond, done)))
+                 for s in plan.by_position()]
+        segments = [segment_pixels(plan, lead, parts[k - 1][1] if k else None) for k, (lead, _) in enumerate(parts)]
+        return np.concatenate([to_frames(s) for s in segments])
+
+    return frames
+
+
+@pytest.fixture(scope="session")
+def as_segments():
+    """(plan, frames) -> what a player shows for these frames once cut into the plan's
+    segments, each encoded as the decoders do: the joined mp4 must decode to exactly this."""
+    import io
+
+    from fp_ray.decode import segment_frames
+    from fp_ray.video import encode_segment, read_frames
+
+    def encoded(plan, frames, fps: int = 30, crf: int = 16) -> np.ndarray:
+        cuts = np.cumsum(segment_frames(plan))[:-1]
+        return np.concatenate([read_frames(io.BytesIO(encode_segment(f, fps, crf))) for f in np.split(frames, cuts)])
+
+    return encoded
 
 
 def free_port() -> int:

@@ -50,15 +50,15 @@ def test_actors_hold_their_gpus(pools):
 @pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
 def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds):
     request = make_request(**REQUEST, schedule=schedule, seconds=seconds)
-    local = render(request, tmp_path / "local.mp4", components=components)
-    distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4")
+    local = render(request, tmp_path / "local.mp4", components=components, keep_latents=True)
+    distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4", keep_latents=True)
     assert (local.latents - distributed.latents).abs().max().item() == 0.0
     assert sha(local.path) == sha(distributed.path)
 
 
-def test_bidirectional_fills_of_a_wave_run_at_once_on_different_actors(pools):
+def test_bidirectional_fills_of_a_wave_run_at_once_on_different_actors(pools, tmp_path):
     request = make_request(**{**REQUEST, "steps": 12}, schedule="bidirectional", seconds=6.0)
-    result, events = ray_render(request, pools)
+    result, events = ray_render(request, pools, out=tmp_path / "v.mp4")
     spans = {}
     for e in events:
         if e["type"] == "section_started":

@@ -16,7 +16,9 @@ from fp_ray.models import (BASE_ENV, IMAGE_ENCODER_ENV, TRANSFORMERS, ModelNotFo
                            ScheduleMismatchError, check_schedule, load_components, transformer_for)
 from fp_ray.render import render
 from fp_ray.request import make_request
-from fp_ray.workers import GeneratorWorker, SectionJob, SectionOutOfMemory
+from fp_ray.coordinator import render_context
+from fp_ray.storage import SectionStore
+from fp_ray.workers import GeneratorWorker, SectionJob, SectionOutOfMemory, Shared
 
 REQUEST = dict(prompt="a quiet valley", width=64, height=48, steps=2, seconds=2.4)
 
@@ -82,11 +84,16 @@ def test_folder_schedule_mismatch_is_a_clear_error_unless_forced(tmp_path):
         check_schedule(str(TINY_CHECKPOINT), schedule)
 
 
-def test_generator_refuses_a_schedule_its_weights_are_not_for(components):
+def section_job(encoded, position: int, tmp_path) -> SectionJob:
+    ctx = render_context(encoded, "r", SectionStore(tmp_path / "sections"))
+    return SectionJob(Shared(ctx.key, ctx), position, {})
+
+
+def test_generator_refuses_a_schedule_its_weights_are_not_for(components, tmp_path):
     worker = GeneratorWorker(components=replace(components, spec=ModelSpec(TRANSFORMERS["inverted"])))
     request = make_request(**REQUEST, schedule="forward")
     encoded = encode_request(components, request)
-    job = SectionJob("r", encoded.fingerprint, request, encoded.plan, 0, encoded.cond, {})
+    job = section_job(encoded, 0, tmp_path)
     with pytest.raises(ScheduleMismatchError, match="not forward"):
         next(worker.generate(job))
 
@@ -107,7 +114,7 @@ def test_offline_never_asks_the_hub(monkeypatch, tmp_path):
         load_components("lllyasviel/NotCached_HY", "cpu", parts=("transformer",))
 
 
-def test_section_out_of_memory_names_section_mode_and_memory(components):
+def test_section_out_of_memory_names_section_mode_and_memory(components, tmp_path):
     def oom(module, args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -115,7 +122,7 @@ def test_section_out_of_memory_names_section_mode_and_memory(components):
     try:
         request = make_request(**REQUEST)
         encoded = encode_request(components, request)
-        job = SectionJob("r", encoded.fingerprint, request, encoded.plan, 1, encoded.cond, {})
+        job = section_job(encoded, 1, tmp_path)
         with pytest.raises(SectionOutOfMemory, match=r"section 1 ran out of GPU memory .* memory mode resident .*64x48"):
             list(GeneratorWorker(components=components).generate(job))
     finally:

@@ -8,9 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
 
 from fp_ray import SAMPLE_IMAGE
-from fp_ray.encode import PROMPT_TEMPLATE, encode_siglip, image_tensor, load_image, prompt_crop_start, resize_and_center_crop
+from fp_ray.encode import PROMPT_TEMPLATE, encode_request, encode_siglip, image_tensor, load_image, prompt_crop_start, resize_and_center_crop
 from fp_ray.render import render
 from fp_ray.request import make_request
+from fp_ray.video import read_frames
 
 W, H, STEPS, SEED, PROMPT = 96, 64, 3, 7, "a red house below the mountains"
 PIXEL_FRAMES_PER_SECTION = 33  # the reference counts sections in windows of 33 pixel frames
@@ -55,22 +56,27 @@ def run_reference(pipe, sampling_type, sections, output_type):
     "schedule,sampling_type,sections",
     [("inverted", "inverted_anti_drifting", 3), ("inverted", "inverted_anti_drifting", 5), ("forward", "vanilla", 2)],
 )
-def test_latents_and_frames_match_reference(components, reference, schedule, sampling_type, sections):
+def test_latents_and_frames_match_reference(components, reference, video_frames, as_segments, tmp_path, schedule, sampling_type, sections):
     request = make_request(
         prompt=PROMPT, schedule=schedule, sampler="euler", steps=STEPS, seed=SEED, width=W, height=H,
         seconds=sections * 1.2, guidance=10.0,
     )
-    ours = render(request, None, components=components)
+    ours = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
     assert ours.plan.num_sections == sections
 
     ref_latents = run_reference(reference, sampling_type, sections, "latent")[-1]
     assert ours.latents.shape == ref_latents.shape
     assert (ours.latents - ref_latents).abs().max().item() <= 1e-5
 
+    # the frames our segments hold (before H.264), from our latents
+    plan, window = ours.plan, ours.plan.window
+    done = {p: ours.latents[:, :, 1 + p * window : 1 + (p + 1) * window] for p in range(sections)}
+    frames = video_frames(plan, encode_request(components, request).cond, done)
     ref_frames = run_reference(reference, sampling_type, sections, "np")[0]  # (F, H, W, 3) in [0, 1]
-    assert ours.frames.shape == ref_frames.shape
-    assert np.abs(ours.frames.astype(np.float64) / 255 - ref_frames).max() <= 1 / 255
-    assert ours.frames.std() > 10  # real content, not a constant that would match anything
+    assert frames.shape == ref_frames.shape
+    assert np.abs(frames.astype(np.float64) / 255 - ref_frames).max() <= 1 / 255
+    assert frames.std() > 10  # real content, not a constant that would match anything
+    assert np.array_equal(read_frames(ours.path), as_segments(plan, frames))  # the mp4 holds them, segment by segment
 
 
 def test_end_image_embedding_reaches_the_transformer(components, tmp_path):
@@ -81,7 +87,7 @@ def test_end_image_embedding_reaches_the_transformer(components, tmp_path):
     hook = components.transformer.image_projection.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
     try:
         request = make_request(prompt=PROMPT, end_image=str(end_path), steps=1, width=W, height=H, seconds=1.2, sampler="euler")
-        render(request, None, components=components)
+        render(request, tmp_path / "v.mp4", components=components)
     finally:
         hook.remove()
     start = encode_siglip(components, image_tensor(load_image(SAMPLE_IMAGE), W, H))

@@ -3,9 +3,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
-from fp_ray.decode import assemble, decode_chunk, decode_input, to_frames
 from fp_ray.encode import encode_request
 from fp_ray.generate import generate_section, noise_stream
 from fp_ray.render import render
@@ -30,13 +30,13 @@ def test_same_request_same_bytes(components, tmp_path):
     assert sha(other.path) != sha(a.path)
 
 
-def test_unipc_default_sampler_is_finite(components):
-    result = render(make_request(**{**SMALL, "steps": 4}, seconds=1.2), None, components=components)
+def test_unipc_default_sampler_is_finite(components, tmp_path):
+    result = render(make_request(**{**SMALL, "steps": 4}, seconds=1.2), tmp_path / "v.mp4", components=components, keep_latents=True)
     assert torch.isfinite(result.latents).all()
-    assert result.frames.std() > 10
+    assert read_frames(result.path).std() > 10
 
 
-def test_bidirectional_any_valid_order_gives_the_same_latents(components):
+def test_bidirectional_any_valid_order_gives_the_same_latents(components, tmp_path, video_frames, as_segments):
     """Sections read only their dependencies and their own noise draw, so running a wave's
     fills in another order (as parallel actors would) changes nothing."""
     request = make_request(**SMALL, schedule="bidirectional", seconds=6.0, sampler="euler")
@@ -50,7 +50,7 @@ def test_bidirectional_any_valid_order_gives_the_same_latents(components):
         for wave in plan.waves():
             for section in order_within_wave(wave):
                 done[section.position] = generate_section(
-                    components, plan, section, cond, done, noise, sampler="euler", steps=2, guidance=10.0
+                    components, plan, section, cond, done, noise.draw(section.order), sampler="euler", steps=2, guidance=10.0
                 )
         return done
 
@@ -60,12 +60,11 @@ def test_bidirectional_any_valid_order_gives_the_same_latents(components):
     for p in range(plan.num_sections):
         assert torch.equal(forward[p], backward[p])
 
-    # decode order does not matter either
-    chunks = {s.position: decode_chunk(components.vae, decode_input(plan, s, cond, forward)) for s in reversed(plan.by_position())}
-    video = assemble([chunks[p] for p in range(plan.num_sections)], plan.overlap_frames)
-    assert video.shape[2] == plan.pixel_frames
-    local = render(request, None, components=components)
-    assert np.array_equal(to_frames(video), local.frames)
+    local = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
+    assert torch.equal(local.latents[:, :, 1:], torch.cat([forward[p] for p in range(plan.num_sections)], dim=2))
+    frames = video_frames(plan, cond, forward)
+    assert frames.shape[0] == plan.pixel_frames
+    assert np.array_equal(read_frames(local.path), as_segments(plan, frames))  # the mp4 holds them, segment by segment
 
 
 def test_previews_written_per_section(components, tmp_path):
@@ -74,7 +73,8 @@ def test_previews_written_per_section(components, tmp_path):
     previews = sorted((tmp_path / "prev").glob("section_*.mp4"))
     assert len(previews) == result.plan.num_sections == 3
     lengths = [len(read_frames(p)) for p in previews]
-    assert lengths == [73, 69, 33]  # start image + 2 windows, 2 windows, the last window
+    # the video's segments: chunk 0 up to its seam, then each seam with what follows it
+    assert lengths == [40, 36, 33] and sum(lengths) == result.frames
 
 
 def test_section_prompts_are_encoded_separately(components):
@@ -84,11 +84,15 @@ def test_section_prompts_are_encoded_separately(components):
     assert not torch.equal(cond.text["a calm lake"].embeds, cond.text["a storm over the lake"].embeds)
 
 
-def test_events_report_every_section_and_step(components):
+def test_events_report_every_section_and_step(components, tmp_path):
     events = []
-    render(make_request(**SMALL, seconds=2.4), None, components=components, on_event=events.append)
+    render(make_request(**SMALL, seconds=2.4), tmp_path / "v.mp4", components=components, on_event=events.append)
     kinds = [e["type"] for e in events]
     assert kinds.count("section_finished") == 2 and kinds.count("step") == 4 and kinds[-1] == "finished"
+    assert kinds.count("section_decoded") == 2 and kinds.index("writing") > kinds.index("section_decoded")
+    timings = events[-1]["timings"]
+    parts = sum(timings[k] for k in ("encode", "generate", "decode", "write"))
+    assert parts == pytest.approx(timings["total"], rel=1e-6)
 
 
 def test_noise_stream_is_order_free():
@@ -100,6 +104,10 @@ def test_noise_stream_is_order_free():
     shuffled = NoiseStream(5, draws, (1, 16, 3, 4, 4))
     for k in (3, 0, 2, 1):
         assert torch.equal(shuffled.draw(k), in_order[k])
+    # section k's noise from the state at its start: one draw, the same tensor
+    states = NoiseStream(5, draws, (1, 16, 3, 4, 4)).section_states(4)
+    for k in (2, 0, 3):
+        assert torch.equal(shuffled.draw_at(states[k]), in_order[k])
     # one generator drawing image latents then sections, as the reference does
     g = torch.Generator().manual_seed(5)
     torch.randn((1, 16, 1, 4, 4), generator=g)

@@ -161,7 +161,7 @@ class FlakyDecoder:
 
     def __init__(self, failures: int):
         self.failures, self.calls = failures, 0
-        self.decode = self
+        self.segment = self
 
     async def remote(self, *args):
         from ray.exceptions import ActorUnavailableError
@@ -169,7 +169,7 @@ class FlakyDecoder:
         self.calls += 1
         if self.calls <= self.failures:
             raise ActorUnavailableError("replica lost", None)
-        return "chunk"
+        return [0]
 
 
 def test_a_lost_decoder_replica_is_retried_then_reported_as_lost():
@@ -178,10 +178,13 @@ def test_a_lost_decoder_replica_is_retried_then_reported_as_lost():
     from fp_ray.coordinator import WorkerLost
     from serving.app import ServePools
 
+    from fp_ray.workers import SegmentJob, Shared
+
+    job = SegmentJob(Shared("r", None), 0, None)
     decoder = FlakyDecoder(failures=2)
-    assert asyncio.run(ServePools(None, None, decoder).decode(None, 0, None, {})) == "chunk" and decoder.calls == 3
+    assert asyncio.run(ServePools(None, None, decoder).segment(job)) == [0] and decoder.calls == 3
     with pytest.raises(WorkerLost, match="decoder replica lost 3 times"):
-        asyncio.run(ServePools(None, None, FlakyDecoder(failures=3)).decode(None, 0, None, {}))
+        asyncio.run(ServePools(None, None, FlakyDecoder(failures=3)).segment(job))
 
 
 def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(pools, tmp_path):
@@ -190,7 +193,8 @@ def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(
     import asyncio
 
     from fp_ray.storage import SectionStore, write_bytes
-    from fp_ray.workers import Cancelled, SectionJob
+    from fp_ray.coordinator import render_context
+    from fp_ray.workers import Cancelled, SectionJob, Shared
     from serving.app import Generator
     from serving.service import owner_location
 
@@ -202,7 +206,8 @@ def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(
     async def run(rewrite_after: int | None, seen: list[str]) -> list[str]:
         encoded = await pools.encode(request)
         section = next(s for s in encoded.plan.sections if not s.depends_on)
-        job = SectionJob("r1", encoded.fingerprint, encoded.request, encoded.plan, section.position, encoded.cond, {}, store.root)
+        ctx = render_context(encoded, "r1", store)
+        job = SectionJob(Shared(ctx.key, ctx), section.position, {})
         write_bytes(owner_location(store, "r1"), b"owner-a")
         async for event in generator.generate(job):
             seen.append(event["type"])

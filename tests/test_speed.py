@@ -35,7 +35,7 @@ def fresh(components) -> Components:
 def section_latents(c: Components, encoded, cache_threshold: float | None = None, position: int | None = None) -> torch.Tensor:
     plan, cond = encoded.plan, encoded.cond
     section = plan.sections[0] if position is None else plan.section(position)
-    steps = section_steps(c, plan, section, cond, {}, noise_stream(plan, cond, 7), sampler="euler", steps=STEPS,
+    steps = section_steps(c, plan, section, cond, {}, noise_stream(plan, cond, 7).draw(section.order), sampler="euler", steps=STEPS,
                           guidance=10.0, cache_threshold=cache_threshold)
     return list(steps)[-1][2]
 

@@ -30,6 +30,7 @@ def test_same_frames_same_bytes(components, tmp_path):
     from fp_ray.render import render
     from fp_ray.request import make_request
 
-    frames = render(make_request(prompt="x", width=160, height=128, steps=2, seconds=1.2), None, components=components).frames
+    rendered = render(make_request(prompt="x", width=160, height=128, steps=2, seconds=1.2), tmp_path / "r.mp4", components=components)
+    frames = read_frames(rendered.path)
     digests = {write_mp4(frames, tmp_path / f"v{i}.mp4").read_bytes() for i in range(10)}
     assert len(digests) == 1

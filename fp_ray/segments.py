@@ -1,0 +1,190 @@
+"""The video side of a render: each chunk decoded once its latents exist, each segment made
+where both its chunks' halves meet, previews and the progressive prefix published as
+segments appear, and the mp4 written as the segments joined in time order."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+
+import torch
+
+from .decode import segment_frames
+from .storage import SectionStore, is_uri, read_bytes, write_bytes
+from .video import FRAGMENTED, SegmentJoiner, join_segments
+from .workers import RenderContext, SegmentAction, SegmentJob, Shared
+
+if TYPE_CHECKING:
+    from .coordinator import Pools
+
+OnEvent = Callable[[dict], None]
+
+
+class SegmentsMissing(RuntimeError):
+    """The decode tasks ended without making every segment (a bug, or a store that lost files)."""
+
+
+class Segments:
+    """The video side of a render: decodes each chunk once its latents exist, has the
+    segment on each seam made by whichever task sees both halves, publishes previews and the
+    progressive prefix, and joins the segments when all exist. Segment k's frames depend on
+    chunks k-1 and k only, so boundaries and bytes do not depend on decode order."""
+
+    def __init__(self, ctx: RenderContext, shared: Shared, pools: "Pools", emit: OnEvent,
+                 preview_dir: str | Path | None = None, progressive: str | Path | None = None):
+        self.ctx, self.shared, self.pools, self.emit = ctx, shared, pools, emit
+        self.store = SectionStore(ctx.store)
+        self.n = ctx.plan.num_sections
+        self.frames = segment_frames(ctx.plan)
+        self.preview_dir = Path(preview_dir) if preview_dir is not None else None
+        self.made = {k for k in range(self.n) if self._has(k, "segment")}
+        self.reused = sorted(self.made)
+        # chunks whose halves are all made or kept: a resumed render does not decode them again
+        self.decoded = {k for k in range(self.n) if not self._needs_decode(k)}
+        self.submitted = set(self.decoded)
+        self.joining: set[int] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.first_decode: float | None = None
+        self.last_made = time.perf_counter()
+        self.prefix = 0  # segments [0, prefix) are in the progressive output
+        self._progressive_path = Path(progressive) if progressive is not None else None
+        self._progressive: SegmentJoiner | None = None
+
+    def _has(self, k: int, kind: str) -> bool:
+        return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
+
+    def _needs_decode(self, k: int) -> bool:
+        left = k not in self.made and (k == 0 or not self._has(k, "lead"))
+        right = k < self.n - 1 and k + 1 not in self.made and not self._has(k, "tail")
+        return left or right
+
+    def start(self) -> None:
+        """Publish what a resumed render already has, and join seams both of whose chunks are done."""
+        for k in sorted(self.made):
+            self._published(k, 0.0)
+        for k in range(1, self.n):
+            self._join_if_ready(k)
+
+    def latents_ready(self, done: Mapping[int, torch.Tensor]) -> None:
+        for s in self.ctx.plan.sections:
+            k = s.position
+            if k not in self.submitted and all(p in done for p in s.decode_needs):
+                self.submitted.add(k)
+                self._spawn(self._decode(k, {p: done[p] for p in s.decode_needs}))
+
+    def will_read(self, position: int) -> bool:
+        """Whether a chunk not yet submitted decodes section `position`'s latents."""
+        return any(0 <= k < self.n and k not in self.submitted and position in self.ctx.plan.section(k).decode_needs
+                   for k in (position - 1, position, position + 1))
+
+    def _spawn(self, coro) -> None:
+        self.tasks.append(asyncio.create_task(coro))
+
+    def _action(self, segment: int, neighbour: int) -> SegmentAction:
+        if segment in self.made or segment >= self.n:
+            return SegmentAction.SKIP
+        return SegmentAction.MAKE if neighbour < 0 or neighbour in self.decoded else SegmentAction.KEEP
+
+    async def _decode(self, k: int, latents: dict[int, torch.Tensor]) -> None:
+        job = SegmentJob(self.shared, k, latents, left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
+        await self._run(job)
+        self.decoded.add(k)
+        self._join_if_ready(k)
+        self._join_if_ready(k + 1)
+
+    def _join_if_ready(self, k: int) -> None:
+        if 0 < k < self.n and k not in self.made and k not in self.joining and {k - 1, k} <= self.decoded:
+            self.joining.add(k)
+            self._spawn(self._run(SegmentJob(self.shared, k, None)))
+
+    async def _run(self, job: SegmentJob) -> None:
+        t = time.perf_counter()
+        self.first_decode = self.first_decode or t
+        made = await self.pools.segment(job)
+        for k in made:
+            await self._segment_made(k, time.perf_counter() - t)
+
+    async def _segment_made(self, k: int, seconds: float) -> None:
+        self.made.add(k)
+        self.last_made = time.perf_counter()
+        if self.preview_dir is not None:
+            data = await asyncio.to_thread(read_bytes, self._location(k))
+            await asyncio.to_thread(write_bytes, self.preview_dir / f"section_{k:03d}.mp4", data)
+        self._published(k, seconds)
+        while self._progressive_path is not None and self.prefix in self.made and self.prefix < self.n:
+            await asyncio.to_thread(self._append_progressive, self.prefix)
+            self.prefix += 1
+            self.emit({"type": "prefix", "segments": self.prefix, "frames": sum(self.frames[: self.prefix])})
+
+    def _published(self, k: int, seconds: float) -> None:
+        self.emit({"type": "section_decoded", "position": k, "frames": self.frames[k], "seconds": seconds,
+                   "segments": len(self.made), "total": self.n})
+
+    def _location(self, k: int) -> str:
+        return self.store.location(self.ctx.request_id, self.ctx.fingerprint, k, "segment")
+
+    def _append_progressive(self, k: int) -> None:
+        if self._progressive is None:
+            self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
+            self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED)
+        self._progressive.append(read_bytes(self._location(k)))
+        if k == self.n - 1:
+            self._progressive.close()
+
+    async def wait(self) -> None:
+        """Until every segment is made (the last tasks spawn joins as they end)."""
+        while True:
+            for task in self.tasks:
+                if task.done():
+                    task.result()  # a failed decode fails the render
+            if len(self.made) == self.n:
+                return
+            pending = [t for t in self.tasks if not t.done()]
+            if not pending:
+                missing = sorted(set(range(self.n)) - self.made)
+                raise SegmentsMissing(f"render {self.ctx.request_id}: segments {missing} were never made")
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self._progressive is not None and self.prefix < self.n:
+            self._progressive.close()  # what was published stays playable
+
+    def segments(self) -> Iterator[bytes]:
+        """The segments' bytes in time order, one at a time."""
+        for k in range(self.n):
+            yield read_bytes(self._location(k))
+
+    def write(self, out: str | Path) -> str:
+        """Join the segments into `out` (a path or a pyarrow.fs URI): packets copied, no re-encode."""
+        fps = self.ctx.request.fps
+        if not is_uri(out):
+            return str(join_segments(self.segments(), out, fps))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps)
+            write_bytes(str(out), local.read_bytes())
+        return str(out)
+
+
+async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done: Mapping[int, torch.Tensor],
+                       out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float]]:
+    """The coordinator's tail for sections generated elsewhere (the batch's stages): make
+    every segment and write the mp4. Returns (where, timings)."""
+    segments = Segments(ctx, shared, pools, emit)
+    t = time.perf_counter()
+    try:
+        segments.start()
+        segments.latents_ready(done)
+        await segments.wait()
+    except BaseException:
+        segments.cancel()
+        raise
+    t_write = time.perf_counter()
+    where = await asyncio.to_thread(segments.write, out)
+    return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}
+
+
