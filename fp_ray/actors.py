@@ -8,6 +8,7 @@ encoders the text/image encoders (half a GPU each). Actors restart after a crash
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -24,6 +25,7 @@ from .speed import SpeedOptions
 from .workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SectionOutOfMemory, SegmentJob,
                       Shared)
 
+log = logging.getLogger(__name__)
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
@@ -218,12 +220,13 @@ class RayPools:
         return Shared(context.key, ray.put(context))
 
     async def segment(self, job: SegmentJob) -> list[int]:
-        for _ in range(self.config.max_restarts):
+        for attempt in range(1, self.config.max_restarts + 1):
             try:
                 async with self._queues["decoders"].use() as actor:
                     return await actor.segment.remote(job)
-            except LOST:
-                continue  # a segment job is pure (same bytes again): run it on a restarted actor
+            except LOST as e:  # a segment job is pure (same bytes again): run it on a restarted actor
+                log.warning("fp-ray: decoder lost on chunk %d (%s); running it again (attempt %d)",
+                            job.position, type(e).__name__, attempt + 1)
         async with self._queues["decoders"].use() as actor:
             return await actor.segment.remote(job)
 

@@ -57,11 +57,12 @@ class Generator:
         ctx = await asyncio.to_thread(self.worker.contexts.get, job.shared)
         token = owner_location(SectionStore(ctx.store), ctx.request_id)
         owner = await asyncio.to_thread(read_owner, token)
-        if owner in (None, CANCELLED_TOKEN):  # the render was cancelled (and its files removed)
+        if owner == CANCELLED_TOKEN:
             raise Cancelled(f"render {ctx.request_id}: section {job.position} not started, the render was cancelled")
+        # No token: a render not run by the service (the coordinator called directly) has no owner to check.
         async for event in iterate_in_thread(self.worker.generate(job)):
             yield event
-            if await asyncio.to_thread(read_owner, token) != owner:
+            if owner is not None and await asyncio.to_thread(read_owner, token) != owner:
                 raise Cancelled(f"render {ctx.request_id}: section {job.position} stopped, its owner changed")
 
 

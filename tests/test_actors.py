@@ -126,7 +126,7 @@ def test_restarted_render_reuses_checkpointed_sections(pools, tmp_path):
     assert sha(result.path) == sha(fresh.path)
 
 
-def test_out_of_memory_section_is_retried_once_on_another_generator(pools, components):
+def test_out_of_memory_section_is_retried_once_on_another_generator(pools, components, tmp_path):
     def _set_oom(worker, on: bool) -> None:  # runs inside a generator actor (defined here: shipped by value)
         transformer = worker.components.transformer
         if on:
@@ -141,14 +141,14 @@ def test_out_of_memory_section_is_retried_once_on_another_generator(pools, compo
     first = pools.generators[0]  # a fresh queue hands out the actors in order: this one goes first
     ray.get(first.__ray_call__.remote(_set_oom, True))
     try:
-        result, events = ray_render(request, pools)
+        result, events = ray_render(request, pools, out=tmp_path / "a.mp4", keep_latents=True)
         started = [e["worker"] for e in events if e["type"] == "section_started"]
         assert len(started) == 2 and started[0] != started[1]
-        assert torch.equal(result.latents, render(request, None, components=components).latents)
+        assert torch.equal(result.latents, render(request, tmp_path / "b.mp4", components=components, keep_latents=True).latents)
         ray.get(pools.generators[1].__ray_call__.remote(_set_oom, True))
         try:
             with pytest.raises(SectionOutOfMemory, match="section 0 ran out of GPU memory .* memory mode resident"):
-                ray_render(request, pools)
+                ray_render(request, pools, out=tmp_path / "c.mp4")
         finally:
             ray.get(pools.generators[1].__ray_call__.remote(_set_oom, False))
     finally:

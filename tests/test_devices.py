@@ -45,19 +45,19 @@ def test_auto_memory_mode_from_free_memory():
 
 
 @pytest.fixture(scope="module")
-def resident_render(components):
-    return render(make_request(**REQUEST), None, components=components)
+def resident_render(components, tmp_path_factory):
+    return render(make_request(**REQUEST), tmp_path_factory.mktemp("resident") / "v.mp4", components=components, keep_latents=True)
 
 
 @pytest.mark.parametrize("memory", ["swap", "offload"])
-def test_memory_modes_offload_with_the_libraries_and_render_the_same(resident_render, memory):
+def test_memory_modes_offload_with_the_libraries_and_render_the_same(resident_render, memory, tmp_path):
     c = load_components(str(TINY_CHECKPOINT), "cpu", memory=memory)
     assert c.policy.memory == memory
     assert hasattr(c.text_encoder_2, "_hf_hook") and hasattr(c.vae, "_hf_hook")  # accelerate's cpu_offload_with_hook
     offloaded = c.transformer if memory == "offload" else None
     if offloaded is not None:  # diffusers' group offloading, block by block
         assert getattr(offloaded.transformer_blocks[0], "_diffusers_hook", None) is not None
-    result = render(make_request(**REQUEST), None, components=c)
+    result = render(make_request(**REQUEST), tmp_path / "v.mp4", components=c, keep_latents=True)
     assert torch.equal(result.latents, resident_render.latents)
 
 

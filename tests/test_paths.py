@@ -43,14 +43,14 @@ def test_the_four_paths_give_the_same_latents_and_video(ray_cluster, components,
     argv += [a for k, v in FIELDS.items() for a in (f"--{k}", str(v))]
     assert main(argv) == 0
     videos["cli"] = sha(cli_out)
-    local = render(request_, tmp_path / "local.mp4", components=components)
+    local = render(request_, tmp_path / "local.mp4", components=components, keep_latents=True)
     assert sha(local.path) == videos["cli"]
 
     # render --ray: actors with the declared (fake) GPUs
     pools = RayPools(str(TINY_CHECKPOINT), PoolConfig())
     pools.wait_ready()
     try:
-        on_ray = asyncio.run(run_render(request_, pools, out=tmp_path / "ray.mp4"))
+        on_ray = asyncio.run(run_render(request_, pools, out=tmp_path / "ray.mp4", keep_latents=True))
     finally:
         pools.shutdown()
     videos["ray"] = sha(on_ray.path)
@@ -68,7 +68,7 @@ def test_the_four_paths_give_the_same_latents_and_video(ray_cluster, components,
         serve.run(build_app({"model": str(TINY_CHECKPOINT), "storage": str(tmp_path / "serve")}), name="paths",
                   route_prefix="/paths")
         handles = [serve.get_deployment_handle(name, app_name="paths") for name in ("Encoder", "Generator", "Decoder")]
-        on_serve = asyncio.run(run_render(request_, ServePools(*handles), out=tmp_path / "serve.mp4"))
+        on_serve = asyncio.run(run_render(request_, ServePools(*handles), out=tmp_path / "serve.mp4", keep_latents=True))
     finally:
         serve.shutdown()
     videos["serve"] = sha(on_serve.path)
