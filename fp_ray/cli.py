@@ -322,6 +322,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except ManifestError as e:
         raise CliError(str(e)) from None
     connect(args.address)
+    quiet_ray_data(args.verbose)
     config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
     records = run_batch(args.manifest, args.out, args.model, config, store=args.store, checked=checked)
     ok = [r for r in records if r["status"] == "ok"]
@@ -403,7 +404,19 @@ def configure_output(verbose: bool) -> None:
         lib.set_verbosity_error()
         lib.disable_progress_bar()
     warnings.filterwarnings("ignore", module=r"(transformers|diffusers|torch|ray)\b")
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data logs every pipeline's progress at INFO and draws bars; `-v` keeps them."""
+    if verbose:
+        return
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def main(argv: list[str] | None = None) -> int:
