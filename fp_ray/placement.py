@@ -8,8 +8,6 @@ fails names what was asked and what the cluster has.
 
 from __future__ import annotations
 
-import ray
-
 Bundle = dict[str, float]
 
 
@@ -56,6 +54,8 @@ def check_placement(asks: dict[str, tuple[int, Bundle]], autoscaling: bool = Fal
     run. Where an autoscaler reports the node types it can add, each bundle needs a node or
     node type it fits; a cluster declared `autoscaling` without such a report is trusted;
     otherwise the bundles must pack into the nodes there are."""
+    import ray  # here: the CLI imports this module for its error type, and a local render needs no Ray
+
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     named = [(f"{kind} {i + 1}", bundle) for kind, (count, bundle) in asks.items() for i in range(count)]
     node_types = autoscaler_node_types()
