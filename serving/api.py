@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Message
 
 from fp_ray.encode import ImageError, decode_image
-from fp_ray.request import RenderRequest, RequestError, make_request, parse_size
+from fp_ray.request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from serving.fetch import FetchRefused, fetch_image_bytes
 from serving.service import Busy, RenderService
 
@@ -40,11 +40,6 @@ def service(request: Request) -> RenderService:
     svc = _services["current"]
     svc.start()
     return svc
-
-
-def excerpt(value: object, n: int = 40) -> str:
-    text = str(value)
-    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 def authorize(request: Request) -> str | None:
@@ -134,7 +129,7 @@ async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]
         url = fields.pop(f"{key}_url", None)
         if images[key] is None and url:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise HTTPException(422, f"{key}_url: must be an http(s) URL, got {excerpt(url)}")
+                raise HTTPException(422, f"{key}_url: must be an http(s) URL, got {excerpt(str(url), 44)}")
             try:
                 images[key] = await fetch_image_bytes(url, svc.fetch, f"{key}_url")
                 await asyncio.to_thread(check_image, images[key], key)
@@ -150,13 +145,13 @@ async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]
 def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
     unknown = set(fields) - FIELDS - {"size"}
     if unknown:
-        shown = sorted(excerpt(k, 20) for k in unknown)[:5]
+        shown = sorted(excerpt(str(k), 24) for k in unknown)[:5]
         raise HTTPException(422, f"unknown fields [{', '.join(shown)}]; known: {sorted(FIELDS | {'size'})}")
     try:
         if "size" in fields:
             size = str(fields.pop("size"))
             if len(size) > MAX_SIZE_TEXT:
-                raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(size, 20)}")
+                raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(str(size), 24)}")
             fields["width"], fields["height"] = parse_size(size)
         # a placeholder path: the service stores the uploads and points the request at them
         placeholders = {"image": "upload", "end_image": "upload" if end_image is not None else None}
@@ -169,7 +164,7 @@ async def record_or_404(request: Request, rid: str) -> dict:
     svc = service(request)
     record = await svc.db(svc.records.get, rid) if len(rid) <= 64 else None
     if record is None:
-        raise HTTPException(404, f"no render {excerpt(rid)}")
+        raise HTTPException(404, f"no render {excerpt(str(rid), 44)}")
     return record
 
 
