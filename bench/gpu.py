@@ -215,7 +215,7 @@ def main(setup: Setup, out: Path, docs: Path | None) -> dict:
         best = (None, r["native"]["seconds"])
         for backend in setup.attention_backends:
             try:
-                set_attention_backend(c.transformer, backend)
+                set_attention_backend(c.transformer, backend, c.device)
                 r[backend] = m.time_forward(c.transformer, kwargs, setup.forward_reps)
                 if r[backend]["seconds"] < best[1]:
                     best = (backend, r[backend]["seconds"])
@@ -230,7 +230,7 @@ def main(setup: Setup, out: Path, docs: Path | None) -> dict:
 
     def compiled():
         if state.get("backend"):
-            set_attention_backend(c.transformer, state["backend"])
+            set_attention_backend(c.transformer, state["backend"], c.device)
         compile_blocks(c.transformer)
         state["compiled"] = True
         r = timed(main_size, True, warmup=2)
@@ -255,7 +255,7 @@ def main(setup: Setup, out: Path, docs: Path | None) -> dict:
     runner.run("compile_other_sizes", others, recompile() * len(sizes[1:]) + fast_reserve())
 
     def fp8():
-        quantize_fp8(c.transformer)
+        quantize_fp8(c.transformer, c.device)
         state["fp8"] = True
         return {main_size: timed(main_size, True, warmup=2)}
 

@@ -153,6 +153,11 @@ def cmd_render(args: argparse.Namespace) -> None:
         writable_file(args.progressive, "--progressive", ".mp4")
     if args.store and not is_uri(args.store):
         writable_folder(args.store, "--store")
+    if args.ray and not args.store and (args.address or os.environ.get("RAY_ADDRESS")):
+        # Decoders on other nodes write segments where the coordinator reads them: a folder
+        # on this machine alone would not do.
+        raise CliError("--store: on a Ray cluster, give a folder every node sees or a URI (s3://...) for the "
+                       "section latents and segments")
     spec = load_spec(args, request.model).for_schedule(request.schedule)  # a hub id: the matching transformer
     spec.check(request.schedule)
     store = SectionStore(args.store) if args.store else None
@@ -195,7 +200,7 @@ def cmd_render(args: argparse.Namespace) -> None:
                                         preview_dir=args.previews, progressive=args.progressive))
     else:
         components = spec.load()
-        apply_speed(components.transformer, speed_from_args(args))
+        apply_speed(components.transformer, speed_from_args(args), components.device)
         startup = time.perf_counter() - STARTED
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
                         request_id=args.id, progressive=args.progressive)

@@ -39,9 +39,11 @@ def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping
 
 
 @torch.no_grad()
-def decode_chunk(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents (1, 16, T, h, w) -> pixels (1, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], VAE dtype."""
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+def decode_chunk(vae, latents: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """VAE-decode latents (1, 16, T, h, w) -> pixels (1, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], VAE dtype.
+    `device`: where the VAE computes (the policy's; an offloaded VAE's weights sit in host RAM
+    between uses, and its hook moves only the weights)."""
+    z = latents.to(device=device or vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     return vae.decode(z, return_dict=False)[0].cpu()
 
 

@@ -62,18 +62,20 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
-def apply_speed(transformer, options: SpeedOptions) -> None:
+def apply_speed(transformer, options: SpeedOptions, device: torch.device | None = None) -> None:
     """Apply `options` to a loaded transformer, in place, once. FP8 goes first so that the
-    compiled graphs see the quantized weights."""
+    compiled graphs see the quantized weights. `device`: where it computes (the policy's; in
+    the swap and offload memory modes its weights sit in host RAM between uses)."""
+    device = device or next(transformer.parameters()).device
     applied = getattr(transformer, "_fp_ray_speed", SpeedOptions())
     if applied == options:
         return
     if applied != SpeedOptions():
         raise SpeedOptionError(f"the transformer already runs with {applied}; load a fresh one for {options}")
     if options.fp8:
-        quantize_fp8(transformer)
+        quantize_fp8(transformer, device)
     if options.attention:
-        set_attention_backend(transformer, options.attention)
+        set_attention_backend(transformer, options.attention, device)
     if options.compile:
         compile_blocks(transformer)
     transformer._fp_ray_speed = options
@@ -82,13 +84,12 @@ def apply_speed(transformer, options: SpeedOptions) -> None:
 CPU_ATTENTION_BACKENDS = ("native", "_native_math", "flex")
 
 
-def set_attention_backend(transformer, backend: str) -> None:
+def set_attention_backend(transformer, backend: str, device: torch.device) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     names = [b.value for b in AttentionBackendName]
     if backend not in names:
         raise SpeedOptionError(f"unknown attention backend {backend!r}; expected one of {', '.join(names)}")
-    device = next(transformer.parameters()).device
     if device.type == "cpu" and backend not in CPU_ATTENTION_BACKENDS:
         raise SpeedOptionError(f"attention backend {backend!r} needs a GPU; on the CPU: {', '.join(CPU_ATTENTION_BACKENDS)}")
     try:
@@ -104,14 +105,13 @@ def compile_blocks(transformer) -> None:
         block.forward = torch.compile(block.forward, dynamic=False)
 
 
-def quantize_fp8(transformer) -> None:
+def quantize_fp8(transformer, device: torch.device) -> None:
     """FP8 weights and activations (per-row scales) for the Linear layers of the blocks; the
     embedders, final norm and projection stay in the transformer's dtype."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as e:
         raise SpeedOptionError("fp8 needs torchao: pip install 'fp-ray[fast]' (or torchao matching your torch)") from e
-    device = next(transformer.parameters()).device
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise SpeedOptionError(f"fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9), not {device}")
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())

@@ -8,8 +8,10 @@ Ray actors, Ray Data stages and Serve replicas wrap these classes and add no mod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,7 +70,9 @@ class RenderContext:
 
     @property
     def key(self) -> str:
-        return f"{self.request_id}/{self.fingerprint}"
+        # the store too: the same request rendered again into another (temporary) store is
+        # another context, never a cached one pointing at a folder that is gone
+        return f"{self.request_id}/{self.fingerprint}/{self.store}"
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,19 @@ class EncoderWorker:
 
     def __init__(self, spec: ModelSpec | None = None, components: Components | None = None):
         self.components = components or spec.load(("vae", "encoders"))
+        # Outside the resident mode an encode brings the encoders in and sends them back after:
+        # two encodes at once (a Serve replica takes several) would move the weights from
+        # under each other, so they take turns there.
+        resident = self.components.policy.memory == "resident"
+        self._turns = contextlib.nullcontext() if resident else threading.Lock()
 
     def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         self.components.spec.check(request.schedule)
-        try:
-            return encode_request(self.components, request, images)
-        finally:
-            self.components.release_encoders()
+        with self._turns:
+            try:
+                return encode_request(self.components, request, images)
+            finally:
+                self.components.release_encoders()
 
 
 class GeneratorWorker:
@@ -151,7 +161,7 @@ class GeneratorWorker:
     def __init__(self, spec: ModelSpec | None = None, components: Components | None = None, speed: SpeedOptions | dict | None = None):
         self.components = components or spec.load(("transformer",))
         if speed is not None:  # None: the components run as they were prepared
-            apply_speed(self.components.transformer, SpeedOptions.from_config(speed))
+            apply_speed(self.components.transformer, SpeedOptions.from_config(speed), self.components.device)
         self.contexts = ContextCache()
         self._cancelled: set[str] = set()
         self.name = worker_name()
@@ -210,7 +220,8 @@ class DecoderWorker:
             lead, tail = store.load(*ids, k, "lead"), None
         else:
             with decode_stream(self.components.device):  # overlaps the generator's kernels on a shared GPU
-                chunk = decode_chunk(self.components.vae, decode_input(ctx.plan, ctx.plan.section(k), ctx.cond, job.latents))
+                latents = decode_input(ctx.plan, ctx.plan.section(k), ctx.cond, job.latents)
+                chunk = decode_chunk(self.components.vae, latents, self.components.device)
             lead, tail = split_chunk(ctx.plan, k, chunk)
         made = []
         if job.left == SegmentAction.MAKE:

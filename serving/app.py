@@ -91,7 +91,7 @@ class ServePools:
             async for event in stream:
                 yield event
         except LOST as e:
-            log.warning("generator replica lost during section %s of %s: %r", job.position, job.request_id, e)
+            log.warning("generator replica lost during section %s of %s: %r", job.position, job.shared.key, e)
             raise WorkerLost(f"generator replica lost during section {job.position}") from e
         except asyncio.CancelledError:
             stream.cancel()  # say so to the replica explicitly: its slot frees now, not after the section

@@ -26,6 +26,7 @@ from fp_ray.encode import ImageError
 from fp_ray.records import TERMINAL, UNFINISHED, RenderRecords
 from fp_ray.request import RenderRequest, RequestError
 from fp_ray.storage import SectionStore, join, read_bytes, write_bytes
+from fp_ray.workers import SectionOutOfMemory
 from serving.fetch import FetchPolicy
 from serving.metrics import Metrics
 from serving.retention import Retention
@@ -79,7 +80,7 @@ def read_owner(location: str) -> str | None:
 
 def user_error(error: BaseException) -> str:
     """What failed, in terms a user can act on; the details (pids, addresses, actor ids) go to the log."""
-    if isinstance(error, (ImageError, RequestError, InputsGone)):
+    if isinstance(error, (ImageError, RequestError, InputsGone, SectionOutOfMemory)):
         return str(error)[:300]
     if isinstance(error, (RenderFailed, WorkerLost)):
         return "workers were lost while rendering and the retries ran out; submit the render again"
@@ -321,6 +322,9 @@ class RenderService:
             self.metrics.cancelled.inc()
             await self.db(self.records.add_event, rid, await self.db(self.records.last_seq, rid) + 1, {"type": "cancelled"})
         await self.retention.drop_work_files(rid)
+        # The token outlives the work files: a section another replica dispatches before it sees
+        # the cancel finds the render cancelled, not ownerless, and does not run.
+        await asyncio.to_thread(write_bytes, owner_location(self.store, rid), CANCELLED_TOKEN.encode())
         return True
 
     async def delete(self, rid: str) -> bool:
