@@ -122,6 +122,16 @@ def test_manifest_formats(tmp_path, fmt):
     assert [r["id"] for r in rows] == ["a", "b"] and float(rows[1]["seconds"]) == 2.4  # CSV: text, read by the request model
 
 
+def test_every_request_field_is_a_manifest_column(tmp_path):
+    from fp_ray.batch import COLUMNS
+    from fp_ray.request import RenderRequest
+
+    assert set(RenderRequest.model_fields) - {"model"} <= COLUMNS  # the model is the batch's own
+    rows = [{"id": "a", "prompt": "x", "cache_threshold": 0.1, "fps": 24, "window": 5}]
+    (row,) = read_manifest(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert row["cache_threshold"] == 0.1
+
+
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
     (row,) = read_manifest(str(tmp_path / "m.csv"))

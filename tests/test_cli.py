@@ -117,3 +117,9 @@ def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_p
     assert main(["serve", "--token-file", str(tmp_path / "missing"), "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1
+
+
+def test_ray_on_a_cluster_needs_a_store_every_node_sees(tmp_path, capsys):
+    code = main(["render", *FAST, "--ray", "--address", "127.0.0.1:1", "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fp-ray: error: --store: on a Ray cluster")

@@ -222,3 +222,40 @@ def test_the_generator_replica_stops_within_a_step_once_the_owner_token_changes(
     assert not any(Path(store.root).rglob("*.safetensors"))  # stopped before saving
     assert asyncio.run(run(None, [])).count("step") == 6  # untouched: runs and saves
     assert any(Path(store.root).rglob("*.safetensors"))
+
+
+class LostGenerator:
+    """A generator handle whose replica is lost as the section's stream starts."""
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, job):
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from ray.exceptions import ActorUnavailableError
+
+        raise ActorUnavailableError("replica lost", None)
+
+
+def test_a_lost_generator_replica_is_reported_as_lost_for_the_coordinator_to_retry():
+    import asyncio
+
+    from fp_ray.coordinator import WorkerLost
+    from fp_ray.workers import SectionJob, Shared
+    from serving.app import ServePools
+
+    async def run():
+        async for _ in ServePools(None, LostGenerator(), None).generate(SectionJob(Shared("r/f/s", None), 3, {})):
+            pass
+
+    with pytest.raises(WorkerLost, match="generator replica lost during section 3"):
+        asyncio.run(run())
