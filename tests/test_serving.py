@@ -149,12 +149,15 @@ def test_cancel_stops_the_work(app):
     # only the new render's 3 steps ran (plus at most the one step in flight at cancel time)
     assert steps_total(client) - before <= 4
     # the section in flight stopped on the generator replica: had it run on, it would have saved
-    # its checkpoint (after cancel removed the render's folder) before the other render got the slot
-    assert not (storage / "sections" / rid).exists()
+    # its checkpoint (after cancel removed the render's work files) before the other render got the slot;
+    # what stays is the cancelled owner token, so a section dispatched late does not start either
+    left = sorted(p.name for p in (storage / "sections" / rid).rglob("*") if p.is_file())
+    assert left == ["owner"], left
     assert client.get(f"/v1/renders/{rid}").json()["sections_done"] < 10
     gone = client.delete(f"/v1/renders/{rid}")  # an ended render: DELETE removes it
     assert gone.status_code == 200 and gone.json()["deleted"]
     assert client.get(f"/v1/renders/{rid}").status_code == 404
+    assert not (storage / "sections" / rid).exists()
 
 
 @pytest.mark.parametrize("data,files,status,reason", [
