@@ -69,6 +69,10 @@ class Segments:
             self._join_if_ready(k)
 
     def latents_ready(self, done: Mapping[int, torch.Tensor]) -> None:
+        """Called after every finished section: decode what can be decoded now. A decode that
+        failed fails the render here, at the next section, not after every section has
+        spent its GPU time."""
+        self.raise_failed()
         for s in self.ctx.plan.sections:
             k = s.position
             if k not in self.submitted and all(p in done for p in s.decode_needs):
@@ -133,6 +137,11 @@ class Segments:
         self._progressive.append(read_bytes(self._location(k)))
         if k == self.n - 1:
             self._progressive.close()
+
+    def raise_failed(self) -> None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
 
     async def wait(self) -> None:
         """Until every segment is made (the last tasks spawn joins as they end)."""

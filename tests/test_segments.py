@@ -206,3 +206,22 @@ def test_coordinator_keeps_only_the_latents_pending_work_reads(components, tmp_p
     assert result.plan.num_sections == 8 and len(held) >= 6
     assert max(held) <= 4  # a few sections in memory, whatever the length
     assert result.latents.shape[2] == 1 + 8 * result.plan.window
+
+
+class FailingDecoder(Counting):
+    async def segment(self, job):
+        self.decodes.append(job.position)
+        raise OSError(f"decoder storage full at chunk {job.position}")
+
+
+def test_a_failed_decode_stops_the_render_at_the_next_section(components, tmp_path):
+    """Forward, 4 sections: chunk 0 is decoded once section 0 exists; its failure must stop
+    the render before the remaining sections spend their GPU time."""
+    from fp_ray.coordinator import run_render
+
+    request = make_request(**SMALL, schedule="forward", seconds=4.8)
+    pools = FailingDecoder(LocalPools.from_components(components))
+    with pytest.raises(OSError, match="storage full at chunk 0"):
+        asyncio.run(run_render(request, pools, out=tmp_path / "v.mp4"))
+    assert len(pools.sections) < 4, pools.sections
+    assert not (tmp_path / "v.mp4").exists()
