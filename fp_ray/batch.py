@@ -15,8 +15,9 @@ import math
 import os
 import pickle
 import time
-from concurrent.futures import ThreadPoolExecutor
+from abc import ABC, abstractmethod
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
 # ---- the three stages (Ray Data actor classes) ---------------------------------------------
 
 
-class RowStage:
+class RowStage(ABC):
     """A Ray Data stage that works on one row at a time. Rows that failed earlier pass
     through untouched; any exception this stage raises on a row becomes that row's error
     record (logged with its traceback), and the other rows go on."""
@@ -249,8 +250,9 @@ class RowStage:
             log.exception("row %s failed in the %s stage", row["id"], self.name)
             return self.ended(error_record(row["id"], e, self.name))
 
+    @abstractmethod
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
-        raise NotImplementedError
+        """This stage's work on one row that has not failed: the row for the next stage."""
 
     def ended(self, record: dict) -> dict:
         return {"id": record["id"], "record": record}
