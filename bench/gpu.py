@@ -53,8 +53,9 @@ class PartTimeout(Exception):
 class Runner:
     """Runs parts in order under a total budget and writes the JSON after each one."""
 
-    def __init__(self, setup: Setup, out: Path, budget_s: float):
+    def __init__(self, setup: Setup, out: Path, budget_s: float, parts: set[str] | None = None):
         self.setup, self.out, self.budget_s, self.t0 = setup, out, budget_s, time.perf_counter()
+        self.parts = parts
         self.results = {"meta": meta(setup, budget_s), "parts": {}}
         signal.signal(signal.SIGALRM, self._alarm)
 
@@ -65,6 +66,8 @@ class Runner:
         return self.budget_s - (time.perf_counter() - self.t0)
 
     def run(self, name: str, fn, estimate_s: float = 0.0) -> dict | None:
+        if self.parts is not None and name not in self.parts:
+            return None
         record = self.results["parts"][name] = {"status": "running"}
         if self.left() < estimate_s:
             record.update(status="skipped", reason=f"budget: {self.left():.0f} s left, needs ~{estimate_s:.0f} s")
@@ -146,8 +149,8 @@ class StepCount:
         self.cls._should_compute_remaining_blocks = self.original
 
 
-def main(setup: Setup, out: Path, docs: Path | None) -> dict:
-    runner = Runner(setup, out, setup.budget_s)
+def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = None) -> dict:
+    runner = Runner(setup, out, setup.budget_s, parts)
     device = torch.device(setup.device)
     state: dict = {}
     (w, h), sizes = setup.sizes[0], setup.sizes
@@ -277,6 +280,7 @@ def main(setup: Setup, out: Path, docs: Path | None) -> dict:
     if state.get("fp8"):
         runner.run("fp8_other_sizes", others, recompile() * len(sizes[1:]))
     runner.results["meta"]["finished"] = True
+    runner.results["meta"]["parts"] = sorted(parts) if parts else "all"
     runner.write()
     if docs is not None:
         write_table(runner.results, docs)
@@ -290,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part-timeout", type=float, help="seconds one part may run (default: 150 full, 120 tiny)")
     p.add_argument("--out", type=Path, help="results JSON (default: bench/results/gpu.json, tiny: gpu_tiny_cpu.json)")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file whose table is rewritten")
+    p.add_argument("--parts", help="comma-separated parts to run (default: all; 'build' always runs), e.g. "
+                   "build,compile,exact_e2e,fast_e2e,reference_e2e")
     p.add_argument("--table", type=Path, help="only rewrite the docs table from this results JSON")
     return p.parse_args(argv)
 
@@ -304,4 +310,4 @@ if __name__ == "__main__":
         sys.exit("bench/gpu.py: no CUDA device; run with --tiny on a CPU")
     setup = replace(setup, budget_s=args.budget or setup.budget_s, part_timeout_s=args.part_timeout or setup.part_timeout_s)
     out = args.out or ROOT / "bench" / "results" / ("gpu_tiny_cpu.json" if setup.tiny else "gpu.json")
-    main(setup, out, args.docs)
+    main(setup, out, args.docs, {"build", *args.parts.split(",")} if args.parts else None)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .encode import Conditioning
+from .models import untiled
 from .schedule import Plan, Section
 
 
@@ -38,12 +39,40 @@ def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping
     return span[:, :, start - offset : stop - offset]
 
 
+# Peak memory of a spatially whole HunyuanVideo VAE decode in fp16, per pixel of frame area
+# (its temporal tiles bound the frame count): 21.4 GiB over the weights at 640x640, measured on
+# an H200 (docs/benchmarks.md), is 55 KiB; with a margin.
+UNTILED_DECODE_BYTES_PER_PIXEL = 64 * 1024
+# Left free beside a whole-frame decode for a generator sharing the GPU (its activations peak at
+# about 4 GiB over the weights at 640x640).
+DECODE_HEADROOM_BYTES = 4 * 1024**3
+
+
+def decode_fits_untiled(device: torch.device, height: int, width: int) -> bool:
+    """Whether a whole-frame decode of `height` x `width` pixels fits in the memory `device` has
+    free now (the CUDA free memory plus this process's cached, unused blocks). Never on the CPU:
+    there the tiles bound host RAM."""
+    if device.type != "cuda":
+        return False
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return UNTILED_DECODE_BYTES_PER_PIXEL * height * width + DECODE_HEADROOM_BYTES <= free
+
+
 @torch.no_grad()
 def decode_chunk(vae, latents: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """VAE-decode latents (1, 16, T, h, w) -> pixels (1, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], VAE dtype.
+    Whole frames, as the reference decodes, where the GPU has room (`decode_fits_untiled`; several
+    times faster than tiles: docs/benchmarks.md), else the VAE's spatial tiles, also when the
+    whole decode runs out of memory after all (another process took the room).
     `device`: where the VAE computes (the policy's; an offloaded VAE's weights sit in host RAM
     between uses, and its hook moves only the weights)."""
-    z = latents.to(device=device or vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    device = torch.device(device or vae.device)
+    z = latents.to(device=device, dtype=vae.dtype) / vae.config.scaling_factor
+    if decode_fits_untiled(device, 8 * z.shape[-2], 8 * z.shape[-1]):
+        try:
+            return untiled(vae).decode(z, return_dict=False)[0].cpu()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
     return vae.decode(z, return_dict=False)[0].cpu()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .models import Components, default_resolution
+from .models import Components, default_resolution, untiled
 from .request import RenderRequest, bucket_size, excerpt
 from .schedule import Plan, make_plan
 from .storage import fingerprint, read_bytes
@@ -165,9 +165,10 @@ def encode_siglip(c: Components, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latent(c: Components, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(1, 16, 1, h, w) float32: a posterior sample, drawn from `generator` as the reference does."""
+    """(1, 16, 1, h, w) float32: a posterior sample, drawn from `generator` as the reference does
+    (the whole image at once: a tiled encode would give another latent)."""
     video = pixels.unsqueeze(2).to(device=c.device, dtype=c.vae.dtype)
-    latent = c.vae.encode(video).latent_dist.sample(generator=generator)
+    latent = untiled(c.vae).encode(video).latent_dist.sample(generator=generator)
     return (latent * c.vae.config.scaling_factor).to(torch.float32)
 
 

@@ -3,6 +3,7 @@ placed by the device policy (`devices.py`)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -183,6 +184,18 @@ def _place(components: Components, name: str, module: torch.nn.Module) -> None:
     _, components.offload_hooks[name] = cpu_offload_with_hook(module, policy.device)
 
 
+def untiled(vae: AutoencoderKLHunyuanVideo) -> AutoencoderKLHunyuanVideo:
+    """`vae` without spatial tiling, as the reference runs it (frames still go through the VAE's
+    own temporal tiles): a shallow copy sharing its weights and offload hook, made once, so a
+    thread encoding or decoding whole frames never flips a flag under one decoding in tiles."""
+    view = vae.__dict__.get("_fp_ray_untiled")
+    if view is None:
+        view = copy.copy(vae)
+        view.use_tiling = False
+        vae.__dict__["_fp_ray_untiled"] = view  # a plain attribute, not a submodule
+    return view
+
+
 def load_components(
     model: str,
     device: str | torch.device | None = None,
@@ -197,8 +210,9 @@ def load_components(
     """Load a FramePack checkpoint, or only the `parts` a worker needs: "transformer"
     (generators), "vae" (decoders), "encoders" (Llama, CLIP, SigLIP; encoders also need
     "vae"). Device, precisions and memory mode follow `policy` (default: `choose_policy`
-    of `device`, `transformer_dtype`, `memory`). The VAE decodes in spatial tiles of
-    `vae_tile_size` pixels, bounding decode memory at any resolution."""
+    of `device`, `transformer_dtype`, `memory`). Images are encoded whole, as the reference
+    does; a chunk decodes whole where the GPU has room for it, else in spatial tiles of
+    `vae_tile_size` pixels, bounding decode memory at any resolution (`decode.decode_chunk`)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {PARTS}")
