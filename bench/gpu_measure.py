@@ -60,6 +60,8 @@ def forward_inputs(c: Components, plan: Plan, cond: Conditioning, trimmed: bool,
     context = gather_context(section, cond, done)
     text = trim_text(cond.text[PROMPT]) if trimmed else cond.text[PROMPT]
     idx = context.indices
+    if trimmed:  # fp-ray's loop passes the RoPE indices on the device (no host copy per step)
+        idx = type(idx)(*(getattr(idx, f).to(device) for f in ("latents", "clean", "history_2x", "history_4x")))
     noise = torch.randn((1, 16, plan.window, plan.latent_height, plan.latent_width), generator=g)
     return dict(
         hidden_states=noise.to(device, dtype), timestep=torch.tensor([500.0], device=device),

@@ -37,7 +37,7 @@ def render(results: dict) -> str:
     rows = [
         ("forward, " + size, _s(stock), _s(best_exact) + _ratio(stock, best_exact),
          _s(fwd("fp8_forward", size)) + _ratio(stock, fwd("fp8_forward", size))),
-        ("MFU of that forward", _s(_get(parts.get("forward_eager"), size, "stock", "mfu"), "{:.0%}"),
+        ("MFU of that forward (of the bf16 peak, FP8 too)", _s(_get(parts.get("forward_eager"), size, "stock", "mfu"), "{:.0%}"),
          _s(_get(parts.get("compile"), size, "mfu") or _get(parts.get("forward_eager"), size, "trimmed", "mfu"), "{:.0%}"),
          _s(_get(parts.get("fp8_forward"), size, "mfu"), "{:.0%}")),
     ]
@@ -51,7 +51,7 @@ def render(results: dict) -> str:
     tot = [p.get("total_s") for p in (ref, exact, fast)]
     rows += [
         (f"section ({meta['steps']} steps)", _s(sec[0]), _s(sec[1]) + _ratio(sec[0], sec[1]), _s(sec[2]) + _ratio(sec[0], sec[2])),
-        ("decode per chunk (ref untiled, fp-ray tiled, overlapped)", _s(dec[0]), _s(dec[1]), _s(dec[2])),
+        ("decode per chunk (mean; fp-ray overlapped with generation)", _s(dec[0]), _s(dec[1]), _s(dec[2])),
         (f"end to end, {meta['sections']} sections", _s(tot[0]), _s(tot[1]) + _ratio(tot[0], tot[1]), _s(tot[2]) + _ratio(tot[0], tot[2])),
         ("peak GPU memory", *(_s(p.get("peak_gib"), "{:.1f} GiB") for p in (ref, exact, fast))),
         ("max abs latent diff vs reference (latent max)", "-",
