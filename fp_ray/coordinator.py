@@ -105,6 +105,14 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         self._finished: set[int] = set()
         self._memory: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def stored(cls, ctx: RenderContext, positions) -> "SectionLatents":
+        """The sections of `positions` the render's store holds, none of them read yet: a
+        resumed render, or the batch's decode stage, loads each only when it is needed."""
+        done = cls(ctx)
+        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section"))
+        return done
+
     def add(self, position: int, latents: torch.Tensor) -> None:
         self._finished.add(position)
         self._memory[position] = latents
@@ -150,10 +158,7 @@ async def generate_sections(
     (latents by position, reused positions, seconds spent in the section function).
     """
     request, plan = ctx.request, ctx.plan
-    store = SectionStore(ctx.store)
-    done = SectionLatents(ctx)
-    for position, latents in store.load_all(ctx.request_id, ctx.fingerprint, range(plan.num_sections)).items():
-        done.add(position, latents)
+    done = SectionLatents.stored(ctx, range(plan.num_sections))
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": plan.pixel_frames,
@@ -181,7 +186,7 @@ async def generate_sections(
                         return event["latents"]
             except WorkerLost as e:
                 # The worker may have saved the section just before it died.
-                saved = store.load(ctx.request_id, ctx.fingerprint, section.position)
+                saved = done.store.load(*done.ids, section.position)
                 if saved is not None:
                     return saved
                 emit({"type": "section_retry", "position": section.position, "attempt": attempt, "error": str(e)})

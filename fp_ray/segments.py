@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .coordinator import Pools
 
 OnEvent = Callable[[dict], None]
+# Chunk decodes sent to the decoders at once, each with its sections' latents (3.7 MB a section
+# at 640x640): enough to keep a pool of decoders busy, few enough to bound memory.
+DECODES_IN_FLIGHT = 16
 
 
 class SegmentsMissing(RuntimeError):
@@ -47,6 +50,7 @@ class Segments:
         self.submitted = set(self.decoded)
         self.joining: set[int] = set()
         self.tasks: list[asyncio.Task] = []
+        self._slots = asyncio.Semaphore(DECODES_IN_FLIGHT)
         self.first_decode: float | None = None
         self.last_made = time.perf_counter()
         self.prefix = 0  # segments [0, prefix) are in the progressive output
@@ -77,7 +81,7 @@ class Segments:
             k = s.position
             if k not in self.submitted and all(p in done for p in s.decode_needs):
                 self.submitted.add(k)
-                self._spawn(self._decode(k, {p: done[p] for p in s.decode_needs}))
+                self._spawn(self._decode(k, s.decode_needs, done))
 
     def will_read(self, position: int) -> bool:
         """Whether a chunk not yet submitted decodes section `position`'s latents."""
@@ -92,9 +96,13 @@ class Segments:
             return SegmentAction.SKIP
         return SegmentAction.MAKE if neighbour < 0 or neighbour in self.decoded else SegmentAction.KEEP
 
-    async def _decode(self, k: int, latents: dict[int, torch.Tensor]) -> None:
-        job = SegmentJob(self.shared, k, latents, left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
-        await self._run(job)
+    async def _decode(self, k: int, needs: tuple[int, ...], done: Mapping[int, torch.Tensor]) -> None:
+        # The latents are read when the decode gets its slot, not when it is queued: a tail of
+        # many queued chunks (the batch's decode stage, slow decoders) holds a few in memory.
+        async with self._slots:
+            job = SegmentJob(self.shared, k, {p: done[p] for p in needs},
+                             left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
+            await self._run(job)
         self.decoded.add(k)
         self._join_if_ready(k)
         self._join_if_ready(k + 1)
