@@ -23,7 +23,7 @@ from .request import RenderRequest, RequestError, excerpt, make_request, parse_s
 from .schedule import SCHEDULES
 from .speed import FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
 from .storage import StorageError, is_uri
-from .workers import SectionOutOfMemory
+from .workers import SectionOutOfMemory, WorkerStartError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
@@ -192,8 +192,9 @@ def cmd_render(args: argparse.Namespace) -> None:
         from .actors import RayPools
         from .coordinator import run_render
 
+        config = pool_config(args)  # bad options fail here, before Ray starts
         connect(args.address)
-        pools = RayPools(spec.model, pool_config(args))
+        pools = RayPools(spec.model, config)
         pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
         startup = time.perf_counter() - STARTED
         result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             SpeedOptionError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    except (RenderFailed, SectionOutOfMemory) as e:  # the input was fine; the render could not finish
+    except (RenderFailed, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -46,6 +46,10 @@ async def iterate_in_thread(items: Iterator) -> AsyncIterator:
         yield item
 
 
+class WorkerStartError(RuntimeError):
+    """A worker failed while loading its model (a Ray actor's constructor raised): that error, in one line."""
+
+
 class SectionOutOfMemory(RuntimeError):
     """A section ran out of GPU memory; the message names the section, the memory mode and
     the device's memory figures."""

@@ -16,7 +16,8 @@ from fp_ray.coordinator import run_render
 from fp_ray.render import render
 from fp_ray.request import make_request
 from fp_ray.storage import SectionStore
-from fp_ray.workers import SectionOutOfMemory
+from fp_ray.speed import SpeedOptions
+from fp_ray.workers import SectionOutOfMemory, WorkerStartError
 
 REQUEST = dict(prompt="a quiet valley", width=64, height=48, steps=4)
 
@@ -153,3 +154,15 @@ def test_out_of_memory_section_is_retried_once_on_another_generator(pools, compo
             ray.get(pools.generators[1].__ray_call__.remote(_set_oom, False))
     finally:
         ray.get(first.__ray_call__.remote(_set_oom, False))
+
+
+def test_a_worker_that_cannot_load_its_model_fails_in_one_line(ray_cluster):
+    """A generator whose speed option cannot run where it landed (FP8 on a CPU) ends the wait
+    with its own error, not a Ray traceback."""
+    bad = RayPools(str(TINY_CHECKPOINT), PoolConfig(device="cpu", speed=SpeedOptions(fp8=True)))
+    try:
+        with pytest.raises(WorkerStartError, match="fp8 needs") as caught:
+            bad.wait_ready()
+        assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    finally:
+        bad.shutdown()
