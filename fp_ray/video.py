@@ -58,14 +58,6 @@ def _encode(frames: np.ndarray, target, fps: int, crf: int) -> None:
             container.mux(packet)
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16) -> Path:
-    """Encode (F, H, W, 3) uint8 frames as H.264 yuv420p. Written to a temporary file in the
-    target folder and renamed into place, so a crash never leaves a truncated video."""
-    with _atomic(path) as tmp:
-        _encode(frames, tmp, fps, crf)
-    return Path(path)
-
-
 def encode_segment(frames: np.ndarray, fps: int, crf: int) -> bytes:
     """(F, H, W, 3) uint8 -> the bytes of an mp4 (a segment: a few MB, starts on a keyframe)."""
     buffer = io.BytesIO()
