@@ -13,11 +13,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
 from .encode import ImageError, load_image
 from .devices import MEMORY_MODES, MemoryModeError
-from .metadata import MetadataError, read_metadata, recorded_image
+from .metadata import MetadataError, model_identity, read_metadata, recorded_image
 from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
@@ -88,9 +88,17 @@ def recorded_fields(args: argparse.Namespace) -> dict:
     fields["image"] = recorded_image(record, "image", args.image, "--image")
     fields["end_image"] = recorded_image(record, "end_image", args.end_image, "--end-image")
     if record.get("fp_ray_version") != __version__:
-        print(f"fp-ray: note: {args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is "
-              f"{__version__}: the video may differ", file=sys.stderr)
+        note(f"{args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is {__version__}: the video may differ")
+    if args.model is None and isinstance(record.get("model"), dict):
+        here = model_identity(fields.get("model") or str(TINY_CHECKPOINT), getattr(args, "base", None), getattr(args, "image_encoder", None))
+        changed = [name for name, part in here.items() if part["sha256"] != (record["model"].get(name) or {}).get("sha256")]
+        if changed:
+            note(f"{args.source}: this model ({', '.join(changed)}) is not the one recorded: the video may differ")
     return fields
+
+
+def note(line: str) -> None:
+    print(f"fp-ray: note: {line}", file=sys.stderr)
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:

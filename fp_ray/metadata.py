@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import SAMPLE_IMAGE, TINY_CHECKPOINT, __version__
+from .models import ModelSources
 from .request import RenderRequest, excerpt
 from .storage import is_uri, read_bytes
 
@@ -78,8 +79,6 @@ def _component(source: str) -> dict:
 def model_identity(model: str, base: str | None = None, image_encoder: str | None = None) -> dict:
     """Where each component of a render's model came from, and a digest of each local folder
     (the tiny layout holds all three in one)."""
-    from .models import ModelSources  # models imports torch and diffusers: only where a worker has them
-
     sources = ModelSources.resolve(model, base, image_encoder)
     return {"transformer": _component(sources.transformer[0]), "base": _component(sources.base),
             "image_encoder": _component(sources.image_encoder)}
@@ -122,49 +121,59 @@ def dumps(metadata: dict) -> str:
 
 
 def parse_metadata(data: bytes, what: str = "the file") -> dict:
-    """The render record in an mp4 (its comment tag) or a sidecar JSON, checked; MetadataError
-    with a short reason otherwise."""
-    if data.lstrip()[:1] == b"{":
-        text = data
-    else:
-        text = _mp4_comment(data, what)
+    """The render record in an mp4's bytes (its comment tag; the first MB of a video hold it)
+    or in a sidecar JSON's, checked; MetadataError with a short reason otherwise."""
+    text = data if data.lstrip()[:1] == b"{" else _mp4_comment(io.BytesIO(data), what)
+    return _checked(text, what)
+
+
+def read_metadata(location: str | os.PathLike, what: str | None = None) -> dict:
+    """The render record of a video or sidecar at a path or URI. A local video is opened in
+    place: only its header is read, however long the video."""
+    what = what or excerpt(str(location), 120)
+    try:
+        if is_uri(location):
+            return parse_metadata(read_bytes(location), what)
+        path = Path(location).expanduser()
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        if head.lstrip()[:1] != b"{":
+            return _checked(_mp4_comment(str(path), what), what)
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            raise MetadataError(f"{what}: {path.stat().st_size} bytes is too large for a render record")
+        return _checked(path.read_bytes(), what)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise MetadataError(f"{what}: file not found") from None
+    except OSError as e:
+        raise MetadataError(f"{what}: cannot read it: {e.strerror or e}") from None
+
+
+def _checked(text: str | bytes, what: str) -> dict:
     try:
         record = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise MetadataError(f"{what} has no fp-ray render record (its JSON does not parse)") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise MetadataError(f"{what} has no fp-ray render record (expected format {FORMAT!r})")
-    if not isinstance(record.get("request"), dict) or not isinstance(record.get("images"), dict) \
-            or not isinstance((record["images"].get("image") or {}).get("sha256"), str):
+    images = record.get("images")
+    hashed = lambda image: isinstance(image, dict) and isinstance(image.get("sha256"), str)
+    if not isinstance(record.get("request"), dict) or not isinstance(images, dict) or not hashed(images.get("image")) \
+            or not (images.get("end_image") is None or hashed(images["end_image"])):
         raise MetadataError(f"{what}: the fp-ray render record is incomplete (request and image hashes are required)")
     return record
 
 
-def _mp4_comment(data: bytes, what: str) -> str:
-    import av
+def _mp4_comment(source: str | io.BytesIO, what: str) -> str:
+    import av  # PyAV only where a video is read
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(source) as container:
             comment = container.metadata.get(TAG)
     except (av.FFmpegError, ValueError, EOFError):
         raise MetadataError(f"{what} is neither an mp4 nor a JSON file") from None
     if not comment:
         raise MetadataError(f"{what} is not a video fp-ray made (no fp-ray render record in its metadata)")
     return comment
-
-
-def read_metadata(location: str | os.PathLike, what: str | None = None) -> dict:
-    """The render record of a video or sidecar at a path or URI."""
-    what = what or excerpt(str(location), 120)
-    try:
-        data = read_bytes(location)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise MetadataError(f"{what}: file not found") from None
-    except OSError as e:
-        raise MetadataError(f"{what}: cannot read it: {e.strerror or e}") from None
-    if len(data) > MAX_METADATA_BYTES and data.lstrip()[:1] == b"{":
-        raise MetadataError(f"{what}: {len(data)} bytes is too large for a render record")
-    return parse_metadata(data, what)
 
 
 def recorded_image(record: dict, key: str, given: str | None, flag: str) -> str | None:

@@ -182,3 +182,14 @@ def test_render_from_without_its_inputs_is_one_line(rendered, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("fp-ray: error:") and message.format(image=image, source=source) in err, err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_from_notes_another_version_or_model(rendered, tmp_path, capsys):
+    record = json.loads(Path(f"{rendered[1]}.json").read_text())
+    record["fp_ray_version"] = "0.0.1"
+    record["model"]["transformer"]["sha256"] = "0" * 64
+    (tmp_path / "v.mp4.json").write_text(json.dumps(record))
+    assert main(["plan", "--from", str(tmp_path / "v.mp4.json")]) == 0
+    captured = capsys.readouterr()
+    assert "rendered with fp-ray 0.0.1" in captured.err and "this model (transformer) is not the one recorded" in captured.err
+    assert "64x48" in captured.out  # the recorded size, planned again
