@@ -137,7 +137,7 @@ def rendered(tmp_path_factory):
     image.write_bytes(SAMPLE_IMAGE.read_bytes())
     out = tmp / "a.mp4"
     args = ["render", *FAST, "--seconds", "1.2", "--image", str(image), "--prompt", "a calm lake", "--seed", "5"]
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out), "--progressive", str(tmp / "progressive.mp4")]) == 0
     return image, out
 
 
@@ -145,8 +145,9 @@ def test_render_from_a_video_is_bit_identical_and_options_override(rendered, tmp
     image, original = rendered
     sidecar = Path(f"{original}.json")
     record = json.loads(sidecar.read_text())
-    with av.open(str(original)) as container:
-        assert json.loads(container.metadata["comment"]) == record
+    for video in (original, original.parent / "progressive.mp4"):  # the mp4 and the fragmented one
+        with av.open(str(video)) as container:
+            assert json.loads(container.metadata["comment"]) == record
     assert record["request"] | {"image": str(image), "prompt": "a calm lake", "seed": 5, "width": 64, "height": 48, "steps": 2} == record["request"]
     again = tmp_path / "again.mp4"
     assert main(["render", "--from", str(original), "--out", str(again)]) == 0
