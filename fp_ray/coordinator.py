@@ -23,6 +23,7 @@ import torch
 from .decode import full_latents
 from .encode import Encoded
 from .generate import noise_stream
+from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
@@ -86,13 +87,17 @@ class Progress:
         return (self.total - self.done) * elapsed / (self.done - 1)
 
 
-def render_context(encoded: Encoded, request_id: str, store: SectionStore) -> RenderContext:
+def render_context(encoded: Encoded, request_id: str, store: SectionStore,
+                   sources: tuple[str | None, str | None] | None = None) -> RenderContext:
     """The shared part of a render. The noise stream's state at every section's start is
     taken here once (O(sections) draws in all), so any worker gets section k's noise in
-    one draw: the reference's single generator, without replaying it."""
+    one draw: the reference's single generator, without replaying it. `sources`: where the
+    images came from, as the video records them (None: the request's paths)."""
     plan = encoded.plan
     states = noise_stream(plan, encoded.cond, encoded.request.seed).section_states(plan.num_sections)
-    return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root)
+    metadata = "" if encoded.provenance is None else dumps(render_metadata(encoded.request, encoded.provenance, sources))
+    return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root,
+                         metadata)
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):
@@ -238,6 +243,7 @@ async def run_render(
     progressive: str | Path | None = None,
     attempts: int = 3,
     images: tuple[bytes, bytes | None] | None = None,
+    sources: tuple[str | None, str | None] | None = None,
     keep_latents: bool = False,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out`: encode, generate the sections
@@ -245,7 +251,9 @@ async def run_render(
     join them. `store`: checkpoints (sections, segments) a rerun of the same render reuses
     (None: a temporary folder). `progressive`: a fragmented mp4 that grows with the finished
     time-ordered prefix. `images`: the image bytes, when the caller holds them (an upload)
-    rather than the workers reading `request.image`. `keep_latents`: return the whole
+    rather than the workers reading `request.image`; `sources`: where they came from, as
+    the video records them (None: the request's paths; uploads: (None, None)). The mp4 and
+    its sidecar `{out}.json` carry the render record (metadata.py). `keep_latents`: return the whole
     latent video (O(sections) memory at the end; tests compare it). Events: plan, section_started, step
     (with eta_s), section_finished, section_retry, section_decoded (a segment is made),
     prefix, writing, finished.
@@ -256,7 +264,7 @@ async def run_render(
     t_encoded = time.perf_counter()
     rid = request_id or encoded.fingerprint[:16]
     with render_store(store) as where:
-        ctx = await asyncio.to_thread(render_context, encoded, rid, where)
+        ctx = await asyncio.to_thread(render_context, encoded, rid, where, sources)
         shared = await pools.share(ctx)
         segments = Segments(ctx, shared, pools, emit, preview_dir, progressive)
         try:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .metadata import Provenance, model_identity, sha256
 from .models import Components, default_resolution, untiled
 from .request import RenderRequest, bucket_size, excerpt
 from .schedule import Plan, make_plan
@@ -229,6 +230,7 @@ class Encoded:
     plan: Plan
     cond: Conditioning
     fingerprint: str
+    provenance: Provenance | None = None  # image hashes and the model loaded: what the video records
 
 
 def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
@@ -250,4 +252,7 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end)
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes)))
+    spec = c.spec
+    provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
+                            model_identity(spec.model, spec.base, spec.image_encoder))
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes)), provenance)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 
 from .decode import segment_frames
+from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
@@ -141,7 +142,7 @@ class Segments:
     def _append_progressive(self, k: int) -> None:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
-            self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED)
+            self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
         self._progressive.append(read_bytes(self._location(k)))
         if k == self.n - 1:
             self._progressive.close()
@@ -176,14 +177,22 @@ class Segments:
         for k in range(self.n):
             yield read_bytes(self._location(k))
 
+    def _tags(self) -> dict[str, str]:
+        return {TAG: self.ctx.metadata} if self.ctx.metadata else {}
+
     def write(self, out: str | Path) -> str:
-        """Join the segments into `out` (a path or a pyarrow.fs URI): packets copied, no re-encode."""
+        """Join the segments into `out` (a path or a pyarrow.fs URI): packets copied, no
+        re-encode; the render record goes in its tags and, once the mp4 is in place, in the
+        sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
         if not is_uri(out):
-            return str(join_segments(self.segments(), out, fps))
-        with tempfile.TemporaryDirectory() as tmp:
-            local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps)
-            write_bytes(str(out), local.read_bytes())
+            join_segments(self.segments(), out, fps, self._tags())
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps, self._tags())
+                write_bytes(str(out), local.read_bytes())
+        if self.ctx.metadata:
+            write_bytes(sidecar_location(out), self.ctx.metadata.encode())
         return str(out)
 
 

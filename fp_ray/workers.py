@@ -71,6 +71,7 @@ class RenderContext:
     cond: Conditioning
     noise_states: tuple[torch.Tensor, ...]  # generator state before each section's draw, by order
     store: str  # SectionStore root: section latents, segments, seam pixels
+    metadata: str = ""  # the render record (JSON) the mp4 and its sidecar carry (metadata.py)
 
     @property
     def key(self) -> str:

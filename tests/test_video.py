@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+
+import av
 import numpy as np
 import pytest
 
-from fp_ray.video import encode_segment, join_segments, read_frames
+from fp_ray.video import FASTSTART, FRAGMENTED, SegmentJoiner, encode_segment, join_segments, read_frames
 
 
 def test_roundtrip_keeps_frames(tmp_path):
@@ -37,3 +40,23 @@ def test_same_frames_same_bytes(components, tmp_path):
     frames = read_frames(rendered.path)
     digests = {encode_segment(frames, 30, 16) for _ in range(10)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("options", [FASTSTART, FRAGMENTED], ids=["faststart", "fragmented"])
+def test_joined_and_progressive_mp4s_keep_their_tags(tmp_path, options):
+    """The render record rides in the comment tag through the packet-copying join, in the
+    moov-first mp4 and in the fragmented one, and reads back through PyAV (what ffprobe shows)."""
+    frames = np.zeros((4, 48, 64, 3), dtype=np.uint8)
+    segment = encode_segment(frames, 30, 16)
+    comment = json.dumps({"prompt": "é \"quoted\"\n" + "x" * 4000})
+    target = tmp_path / "v.mp4"
+    if options is FASTSTART:
+        join_segments([segment, segment], target, 30, {"comment": comment})
+    else:
+        joiner = SegmentJoiner(str(target), 30, options, {"comment": comment})
+        joiner.append(segment)
+        joiner.append(segment)
+        joiner.close()
+    with av.open(str(target)) as container:
+        assert container.metadata["comment"] == comment
+    assert read_frames(target).shape == (8, 48, 64, 3)
