@@ -11,7 +11,7 @@ import pytest
 
 from fp_ray import SAMPLE_IMAGE
 from fp_ray.cli import main
-from fp_ray.video import read_frames, write_mp4
+from fp_ray.video import encode_segment, join_segments, read_frames
 
 from images import png_header_only
 
@@ -175,7 +175,7 @@ def test_render_from_without_its_inputs_is_one_line(rendered, tmp_path, capsys, 
     if case == "changed":
         image.write_bytes(SAMPLE_IMAGE.read_bytes() + b"\0")
     elif case == "plain":
-        source = write_mp4(np.zeros((2, 48, 64, 3), dtype=np.uint8), tmp_path / "plain.mp4")
+        source = join_segments([encode_segment(np.zeros((2, 48, 64, 3), dtype=np.uint8), 30, 16)], tmp_path / "plain.mp4", 30)
     elif case == "missing":
         source = tmp_path / "nope.mp4"
     out = tmp_path / "out.mp4"

@@ -13,7 +13,7 @@ from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT, __version__
 from fp_ray.metadata import (FORMAT, MetadataError, Provenance, dumps, folder_digest, model_identity, parse_metadata,
                              read_metadata, recorded_image, render_metadata, sha256)
 from fp_ray.request import make_request
-from fp_ray.video import join_segments, encode_segment, write_mp4
+from fp_ray.video import encode_segment, join_segments
 
 SAMPLE_SHA = sha256(SAMPLE_IMAGE.read_bytes())
 
@@ -74,7 +74,7 @@ def test_parse_reads_mp4_tags_sidecars_and_truncated_mp4_headers(tmp_path):
 ])
 def test_files_without_a_record_are_refused_with_a_reason(tmp_path, content, reason):
     if content == "plain-mp4":
-        content = write_mp4(np.zeros((2, 48, 64, 3), dtype=np.uint8), tmp_path / "plain.mp4").read_bytes()
+        content = join_segments([encode_segment(np.zeros((2, 48, 64, 3), dtype=np.uint8), 30, 16)], tmp_path / "plain.mp4", 30).read_bytes()
     with pytest.raises(MetadataError, match=reason):
         parse_metadata(content)
     with pytest.raises(MetadataError, match="file not found"):
