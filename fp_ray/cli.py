@@ -43,6 +43,11 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=d["sampler"].default, help="unipc | euler (default %(default)s)")
     p.add_argument("--steps", type=int, default=d["steps"].default, help="denoising steps per section (default %(default)s)")
     p.add_argument("--guidance", type=float, default=d["guidance"].default, help="distilled guidance (default %(default)s)")
+    p.add_argument("--cfg", type=float, default=d["cfg"].default,
+                   help="real guidance scale; above 1 each step runs the transformer twice, against --negative-prompt (default %(default)s: off)")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"].default, help="what to steer away from, with --cfg above 1 (default: empty)")
+    p.add_argument("--cfg-rescale", type=float, default=d["cfg_rescale"].default,
+                   help="0..1: pull the guided prediction's spread back toward the prompt's, with --cfg above 1 (default %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="noise seed (default %(default)s)")
     p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default: the image's aspect at --resolution)")
     p.add_argument("--resolution", type=int, default=d["resolution"].default, help="bucket side when --size is not given (default: 640; the tiny checkpoint: 160)")
@@ -82,6 +87,9 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         sampler=args.sampler,
         steps=args.steps,
         guidance=args.guidance,
+        cfg=args.cfg,
+        negative_prompt=args.negative_prompt,
+        cfg_rescale=args.cfg_rescale,
         seed=args.seed,
         width=width,
         height=height,
