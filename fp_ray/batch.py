@@ -41,7 +41,8 @@ from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContex
 log = logging.getLogger(__name__)
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
-           "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold"}
+           "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
+           "cfg_rescale"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),

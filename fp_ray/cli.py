@@ -50,6 +50,11 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")
     p.add_argument("--steps", type=int, help=f"denoising steps per section (default {d['steps']})")
     p.add_argument("--guidance", type=float, help=f"distilled guidance (default {d['guidance']})")
+    p.add_argument("--cfg", type=float,
+                   help=f"real guidance scale; above 1 each step runs the transformer twice, against --negative-prompt (default {d['cfg']}: off)")
+    p.add_argument("--negative-prompt", help="what to steer away from, with --cfg above 1 (default: empty)")
+    p.add_argument("--cfg-rescale", type=float,
+                   help=f"0..1: pull the guided prediction's spread back toward the prompt's, with --cfg above 1 (default {d['cfg_rescale']})")
     p.add_argument("--seed", type=int, help=f"noise seed (default {d['seed']})")
     p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default: the image's aspect at --resolution)")
     p.add_argument("--resolution", type=int, help="bucket side when --size is not given (default: 640; the tiny checkpoint: 160)")
@@ -74,8 +79,8 @@ def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
-REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "seed",
-                   "resolution", "window", "fps", "crf", "model")
+REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
+                   "negative_prompt", "cfg_rescale", "seed", "resolution", "window", "fps", "crf", "model")
 
 
 def recorded_fields(args: argparse.Namespace) -> dict:

@@ -43,6 +43,9 @@ class TextEmbedding:
     mask: torch.Tensor  # (1, MAX_PROMPT_TOKENS), 1 for real tokens
     pooled: torch.Tensor  # (1, D_clip)
 
+    def cpu(self) -> "TextEmbedding":
+        return TextEmbedding(self.embeds.cpu(), self.mask.cpu(), self.pooled.cpu())
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -53,12 +56,15 @@ class Conditioning:
     start_latent: torch.Tensor  # (1, 16, 1, h, w) float32, VAE-scaled
     end_latent: torch.Tensor | None
     vae_dtype: torch.dtype = torch.float32  # the image-latent noise draws were taken in it
+    negative: TextEmbedding | None = None  # the negative prompt's, when real guidance (cfg > 1) is on
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
-        text = {k: TextEmbedding(*(t.cpu() for t in (v.embeds, v.mask, v.pooled))) for k, v in self.text.items()}
+        text = {k: v.cpu() for k, v in self.text.items()}
         end = None if self.end_latent is None else self.end_latent.cpu()
-        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end)
+        negative = None if self.negative is None else self.negative.cpu()
+        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end,
+                       negative=negative)
 
 
 # Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
@@ -181,9 +187,11 @@ def encode(
     height: int,
     seed: int,
     end: Image.Image | None = None,
+    negative_prompt: str | None = None,
 ) -> Conditioning:
     """Encode a request's prompts and images. Latent samples use the request's noise stream
-    (start image, then end image), so section noise that follows stays reproducible."""
+    (start image, then end image), so section noise that follows stays reproducible.
+    `negative_prompt`: encoded once for every section when real guidance is on (None: off)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     start_pixels = image_tensor(start, width, height)
     image_embeds = encode_siglip(c, start_pixels)
@@ -196,7 +204,11 @@ def encode(
         image_embeds = (image_embeds + encode_siglip(c, end_pixels)) / 2
         end_latent = encode_latent(c, end_pixels, generator)
     text = {p: encode_prompt(c, p) for p in dict.fromkeys(prompts)}
-    return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent, vae_dtype=c.vae.dtype)
+    negative = None
+    if negative_prompt is not None:
+        negative = text[negative_prompt] if negative_prompt in text else encode_prompt(c, negative_prompt)
+    return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent, vae_dtype=c.vae.dtype,
+                        negative=negative)
 
 
 LATENT_SCALE = 8  # VAE spatial compression
@@ -251,7 +263,10 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
-    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end)
+    # The official demo encodes n_prompt only when cfg is above 1 (zeros stand in otherwise,
+    # never read: cfg 1 makes no negative pass).
+    negative = request.negative_prompt if request.cfg > 1 else None
+    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative)
     spec = c.spec
     provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
                             model_identity(spec.model, spec.base, spec.image_encoder))

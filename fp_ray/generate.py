@@ -64,11 +64,14 @@ def section_steps(
     steps: int,
     guidance: float,
     cache_threshold: float | None = None,
+    cfg: float = 1.0,
+    cfg_rescale: float = 0.0,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(step, steps, latents) after each step; the last latents are the section's clean
     (1, 16, window, h, w) float32 latents, on the CPU. `noise`: the section's draw from the
     request's stream (`NoiseStream.draw(section.order)`). Pure in its inputs. The prompt reaches
-    the transformer without its padding; `cache_threshold` turns on the step cache (fast mode)."""
+    the transformer without its padding; `cache_threshold` turns on the step cache (fast mode);
+    `cfg` above 1 guides against `cond.negative` (two passes per step)."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
@@ -83,6 +86,9 @@ def section_steps(
         image_embeds=cond.image_embeds,
         context=gather_context(section, cond, done),
         device=components.device,
+        cfg=cfg,
+        cfg_rescale=cfg_rescale,
+        negative=None if cond.negative is None else trim_text(cond.negative),
     )
     with step_cache(components.transformer, cache_threshold):
         for step, total, latents in run:

@@ -90,6 +90,11 @@ class RenderRequest(BaseModel):
     # Fast mode's step cache (FirstBlockCache threshold); None: exact. Part of the request,
     # and so of its fingerprint, because it changes the video.
     cache_threshold: float | None = Field(default=None, gt=0, le=1)
+    # Real classifier-free guidance, the official demo's cfg / n_prompt / rs (off there, as here):
+    # above 1 every step runs the transformer twice, on the prompt and on the negative prompt.
+    cfg: float = Field(default=1.0, ge=1.0, le=32.0, allow_inf_nan=False)
+    negative_prompt: str = Field(default="", max_length=4000)
+    cfg_rescale: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("width", "height")
     @classmethod
@@ -122,6 +127,11 @@ class RenderRequest(BaseModel):
                 f"seconds: {self.seconds:g} s is less than half a section (a section is {spp:g} s: "
                 f"{self.window} latent frames at {self.fps} fps); ask for at least {spp / 2:g} s, a higher fps or a smaller window"
             )
+        if self.cfg == 1.0 and (self.negative_prompt or self.cfg_rescale):
+            # With cfg 1 there is no negative pass (the demo's default): a negative prompt or a
+            # rescale would be silently ignored, so they are refused.
+            given = "negative_prompt" if self.negative_prompt else "cfg_rescale"
+            raise ValueError(f"{given}: needs cfg above 1 (real guidance, two passes per step); cfg is 1, which turns it off")
         if self.end_image is not None and self.schedule == "forward":
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
         return self

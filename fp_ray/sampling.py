@@ -9,12 +9,14 @@ mu = min(flux mu, ln 7).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from .encode import TextEmbedding
@@ -95,6 +97,16 @@ class NoiseStream:
         return randn_tensor(self.shape, generator=self._generator, dtype=torch.float32)
 
 
+def text_inputs(transformer, text: TextEmbedding, device: torch.device | None = None) -> dict:
+    """The prompt's transformer keyword arguments (the part the negative pass replaces)."""
+    device, dtype = device or transformer.device, transformer.dtype
+    return dict(
+        encoder_hidden_states=text.embeds.to(device, dtype),
+        encoder_attention_mask=text.mask.to(device, dtype),
+        pooled_projections=text.pooled.to(device, dtype),
+    )
+
+
 def transformer_inputs(transformer, text: TextEmbedding, image_embeds: torch.Tensor, context: PackedContext,
                        guidance: float, device: torch.device | None = None) -> dict:
     """The transformer's keyword arguments that stay fixed over a section's steps, on the
@@ -104,9 +116,7 @@ def transformer_inputs(transformer, text: TextEmbedding, image_embeds: torch.Ten
     device, dtype = device or transformer.device, transformer.dtype
     idx = context.indices
     return dict(
-        encoder_hidden_states=text.embeds.to(device, dtype),
-        encoder_attention_mask=text.mask.to(device, dtype),
-        pooled_projections=text.pooled.to(device, dtype),
+        **text_inputs(transformer, text, device),
         image_embeds=image_embeds.to(device, dtype),
         indices_latents=idx.latents.to(device),
         guidance=torch.tensor([guidance], dtype=dtype, device=device) * 1000.0,
@@ -120,13 +130,43 @@ def transformer_inputs(transformer, text: TextEmbedding, image_embeds: torch.Ten
     )
 
 
-def x0_prediction(transformer, inputs: dict, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class RealGuidance:
+    """Real classifier-free guidance (the official demo's cfg, n_prompt, rs; diffusers'
+    true_cfg_scale): a second pass per step on the negative prompt's inputs."""
+
+    scale: float  # > 1
+    rescale: float  # 0..1: how far the guided velocity's std is pulled back to the positive one's
+    negative: dict  # transformer inputs: the positive ones with the negative prompt's text
+
+
+def _branch(transformer, name: str, inputs: dict, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    # With the step cache on, each pass keeps its own cache state (diffusers' cache_context,
+    # as its pipelines name "cond" and "uncond"): the negative pass never reuses, or is
+    # compared against, the positive pass's residuals.
+    with transformer.cache_context(name) if transformer.is_cache_enabled else nullcontext():
+        return transformer(hidden_states=x, timestep=timestep, **inputs)[0]
+
+
+def velocity(transformer, inputs: dict, x: torch.Tensor, timestep: torch.Tensor, real: RealGuidance | None = None) -> torch.Tensor:
+    """The flow velocity at x (in the transformer's dtype) and `timestep`, float32. With real
+    guidance, v = v_neg + scale * (v_pos - v_neg), then rescaled as diffusers' and the demo's
+    rescale_noise_cfg, in float32 as the demo's fm_wrapper (diffusers' pipeline: in the
+    transformer's dtype, the same on the CPU)."""
+    positive = _branch(transformer, "positive", inputs, x, timestep).float()
+    if real is None:
+        return positive
+    negative = _branch(transformer, "negative", real.negative, x, timestep).float()
+    guided = negative + real.scale * (positive - negative)
+    return rescale_noise_cfg(guided, positive, real.rescale) if real.rescale > 0 else guided
+
+
+def x0_prediction(transformer, inputs: dict, x: torch.Tensor, sigma: torch.Tensor, real: RealGuidance | None = None) -> torch.Tensor:
     """The clean sample the flow model predicts, x0 = x - sigma * v, float32; the model sees
     x and sigma * 1000 in its own precision, as the official demo's wrapper feeds it."""
     dtype = transformer.dtype
     x = x.to(dtype)
-    velocity = transformer(hidden_states=x, timestep=(sigma * 1000.0).to(dtype), **inputs)[0]
-    return x.float() - velocity.float() * sigma.float()
+    return x.float() - velocity(transformer, inputs, x, (sigma * 1000.0).to(dtype), real) * sigma.float()
 
 
 def section_mu(transformer, scheduler_config: dict, shape: torch.Size) -> float:
@@ -152,18 +192,25 @@ def denoise(
     image_embeds: torch.Tensor,
     context: PackedContext,
     device: torch.device | None = None,
+    cfg: float = 1.0,
+    cfg_rescale: float = 0.0,
+    negative: TextEmbedding | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (step, steps, latents) after each sampler step; the last latents are the clean
     section. A consumer that stops iterating stops the work between two steps. `device`:
-    where the transformer computes (default: where its weights are)."""
+    where the transformer computes (default: where its weights are). `cfg` above 1: real
+    guidance against the `negative` prompt, two transformer passes per step; 1: one pass."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if cfg > 1 and negative is None:
+        raise ValueError(f"cfg {cfg:g} needs the negative prompt's embedding")
     device = device or transformer.device
     mu = section_mu(transformer, scheduler_config, noise.shape)
     fixed = transformer_inputs(transformer, text, image_embeds, context, guidance, device)
+    real = RealGuidance(cfg, cfg_rescale, {**fixed, **text_inputs(transformer, negative, device)}) if cfg > 1 else None
     latents = noise.to(device)
     if sampler == "unipc":
-        model = lambda x, sigma: x0_prediction(transformer, fixed, x, sigma)  # noqa: E731
+        model = lambda x, sigma: x0_prediction(transformer, fixed, x, sigma, real)  # noqa: E731
         for i, latents in enumerate(unipc_sample(model, latents, flow_sigmas(steps, mu))):
             yield i + 1, steps, latents
         return
@@ -171,6 +218,6 @@ def denoise(
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device, mu=mu)
     dtype = transformer.dtype
     for i, t in enumerate(scheduler.timesteps):
-        velocity = transformer(hidden_states=latents.to(dtype), timestep=t.expand(1), **fixed)[0]
-        latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+        v = velocity(transformer, fixed, latents.to(dtype), t.expand(1), real)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
         yield i + 1, steps, latents

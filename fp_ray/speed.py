@@ -14,7 +14,8 @@ different video):
 Fast mode is opt-in and changes the video a little:
 - a step cache (`step_cache`): diffusers' FirstBlockCache skips the remaining blocks of a
   step when the first block's residual barely changed since the last computed step;
-  per request (`cache_threshold`), since it changes the output;
+  per request (`cache_threshold`), since it changes the output; with real guidance (cfg > 1)
+  the positive and negative passes are cached apart;
 - `fp8`: torchao float8 matmuls (dynamic activation + weight scaling, per row) in the
   transformer blocks; needs torchao and a GPU with FP8 tensor cores (compute capability >= 8.9).
 """
@@ -141,7 +142,9 @@ def trim_text(text: TextEmbedding) -> TextEmbedding:
 @contextmanager
 def step_cache(transformer, threshold: float | None) -> Iterator[None]:
     """FirstBlockCache over one section's steps (no-op for None): enabled fresh per section so
-    no residual leaks from one section (or request) into the next."""
+    no residual leaks from one section (or request) into the next. Each transformer pass
+    names its cache context (`sampling.velocity`: positive, and negative under real guidance),
+    so the two passes of a guided step keep separate cache states."""
     if threshold is None:
         yield
         return
@@ -149,8 +152,7 @@ def step_cache(transformer, threshold: float | None) -> Iterator[None]:
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     try:
-        with transformer.cache_context("section"):
-            yield
+        yield
     finally:
         transformer.disable_cache()
 

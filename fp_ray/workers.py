@@ -189,6 +189,7 @@ class GeneratorWorker:
         steps = section_steps(
             self.components, ctx.plan, section, ctx.cond, job.context, noise,
             sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
+            cfg=r.cfg, cfg_rescale=r.cfg_rescale,
         )
         try:
             for step, total, latents in steps:

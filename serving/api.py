@@ -248,7 +248,8 @@ def make_api() -> FastAPI:
     async def submit(request: Request):
         """Multipart: `image` (file), optional `end_image` (file), and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
-        fps, crf). JSON: the same fields with `image_url` (http/https)."""
+        fps, crf, cache_threshold, cfg, negative_prompt, cfg_rescale). JSON: the same fields
+        with `image_url` (http/https)."""
         client = authorize(request)
         svc = service(request)
         fields, image, end_image = await read_body(request)

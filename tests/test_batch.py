@@ -13,7 +13,7 @@ import pytest
 
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT, cli
 from fp_ray.actors import PoolConfig
-from fp_ray.batch import BatchConfig, ManifestError, read_manifest, run_batch
+from fp_ray.batch import BatchConfig, ManifestError, read_manifest, row_request, run_batch
 from fp_ray.render import render
 from fp_ray.request import make_request
 
@@ -32,22 +32,26 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-FAILING = {"broken-image", "bad-size", "huge-image", "blocked-checkpoint", "blocked-output"}
+FAILING = {"broken-image", "bad-size", "huge-image", "bad-guidance", "blocked-checkpoint", "blocked-output"}
+GUIDED = dict(cfg=2.5, negative_prompt="blurry, static", cfg_rescale=0.3)  # clip-6's real guidance columns
 
 
 @pytest.fixture(scope="module")
 def batch_run(ray_cluster, tmp_path_factory):
-    """Thirteen rows run twice. Three fail their check (an unreadable image, a bad size, an
-    image over the pixel limit); two pass it and fail later, in the generate stage (their
-    checkpoint folder is a file) and in the decode stage (their mp4 path is a folder)."""
+    """Fourteen rows run twice. Four fail their check (an unreadable image, a bad size, an
+    image over the pixel limit, a negative prompt without cfg); two pass it and fail later, in
+    the generate stage (their checkpoint folder is a file) and in the decode stage (their mp4
+    path is a folder). clip-6 renders with real guidance."""
     tmp = tmp_path_factory.mktemp("batch")
     (tmp / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
     (tmp / "broken.png").write_bytes(b"not an image")
     (tmp / "huge.png").write_bytes(png_header_only(20000, 20000))
     rows = [{"id": f"clip-{i}", **ROW, "image": "start.png", "seed": i} for i in range(8)]
+    rows[6].update(GUIDED)
     rows.insert(3, {"id": "broken-image", **ROW, "image": "broken.png"})
     rows.insert(6, {"id": "bad-size", **ROW, "image": "start.png", "size": "65x48"})
     rows.insert(1, {"id": "huge-image", **ROW, "image": "huge.png"})
+    rows.insert(9, {"id": "bad-guidance", **ROW, "image": "start.png", "negative_prompt": "blurry"})
     rows.insert(5, {"id": "blocked-checkpoint", **ROW, "image": "start.png", "seed": 100})
     rows.append({"id": "blocked-output", **ROW, "image": "start.png", "seed": 101})
     manifest = write_jsonl(tmp / "manifest.jsonl", rows)
@@ -70,6 +74,7 @@ def test_batch_renders_good_rows_and_records_bad_ones(batch_run):
     assert "broken.png' is not an image" in errors["broken-image"]
     assert "multiple of 16" in errors["bad-size"]
     assert "huge.png' is too large" in errors["huge-image"]
+    assert "negative_prompt: needs cfg above 1" in errors["bad-guidance"]
     assert errors["blocked-checkpoint"].startswith("generate: ")
     assert errors["blocked-output"].startswith("decode: ")
     ok = [r for r in first if r["status"] == "ok"]
@@ -105,6 +110,9 @@ def test_batch_video_is_byte_identical_to_local(batch_run, components, tmp_path)
     assert record["request"]["image"] == str((tmp / "start.png").resolve()) and record["request"]["seed"] == 5
     assert cli.main(["render", "--from", str(out / "clip-5.mp4"), "--out", str(tmp_path / "again.mp4")]) == 0
     assert sha(tmp_path / "again.mp4") == sha(out / "clip-5.mp4")
+    guided = render(request.model_copy(update={"seed": 6, **GUIDED}), tmp_path / "guided.mp4", components=components)
+    assert sha(guided.path) == sha(out / "clip-6.mp4")  # the guidance columns reached the generator
+    assert sha(render(request.model_copy(update={"seed": 6}), tmp_path / "plain.mp4", components=components).path) != sha(guided.path)
 
 
 def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):
@@ -132,9 +140,11 @@ def test_every_request_field_is_a_manifest_column(tmp_path):
     from fp_ray.request import RenderRequest
 
     assert set(RenderRequest.model_fields) - {"model"} <= COLUMNS  # the model is the batch's own
-    rows = [{"id": "a", "prompt": "x", "cache_threshold": 0.1, "fps": 24, "window": 5}]
+    rows = [{"id": "a", "prompt": "x", "cache_threshold": 0.1, "fps": 24, "window": 5, **GUIDED}]
     (row,) = read_manifest(write_jsonl(tmp_path / "m.jsonl", rows))
     assert row["cache_threshold"] == 0.1
+    request = row_request(row, str(tmp_path), str(TINY_CHECKPOINT))
+    assert (request.cfg, request.negative_prompt, request.cfg_rescale) == (2.5, "blurry, static", 0.3)
 
 
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):

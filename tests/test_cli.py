@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fp_ray import SAMPLE_IMAGE
-from fp_ray.cli import main
+from fp_ray.cli import SAMPLE_PROMPT, main
 from fp_ray.video import encode_segment, join_segments, read_frames
 
 from images import png_header_only
@@ -68,6 +68,11 @@ def test_plan_prints_sections_waves_and_tokens(capsys):
         (["--guidance", "inf"], "guidance: Input should be a finite number"),
         (["--fps", "1", "--seconds", "10"], "seconds: 10 s is less than half a section (a section is 36 s"),
         (["--size", "1" * 5000 + "x16"], "size: expected WIDTHxHEIGHT"),
+        (["--cfg", "0.5"], "cfg: Input should be greater than or equal to 1"),
+        (["--cfg", "nan"], "cfg: Input should be a finite number"),
+        (["--cfg", "3", "--cfg-rescale", "1.5"], "cfg_rescale: Input should be less than or equal to 1"),
+        (["--negative-prompt", "blurry"], "negative_prompt: needs cfg above 1"),
+        (["--cfg-rescale", "0.5"], "cfg_rescale: needs cfg above 1"),
     ],
 )
 def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
@@ -89,6 +94,21 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     assert not out.exists() and not (tmp_path / "video.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" and p.is_file()]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no probe or temporary file left
+
+
+def test_real_cfg_flags_reach_the_render(components, tmp_path):
+    """--cfg, --negative-prompt and --cfg-rescale make the video the request with those fields makes."""
+    from fp_ray.render import render
+    from fp_ray.request import make_request
+
+    guided = ["--cfg", "2.5", "--negative-prompt", "blurry, static", "--cfg-rescale", "0.3"]
+    assert main(["render", *FAST, "--seconds", "1.2", "--out", str(tmp_path / "cli.mp4"), *guided]) == 0
+    request = make_request(prompt=SAMPLE_PROMPT, width=64, height=48, steps=2, seconds=1.2, cfg=2.5,
+                           negative_prompt="blurry, static", cfg_rescale=0.3)
+    local = render(request, tmp_path / "local.mp4", components=components)
+    plain = render(request.model_copy(update={"cfg": 1.0, "negative_prompt": "", "cfg_rescale": 0.0}), tmp_path / "plain.mp4",
+                   components=components)
+    assert (tmp_path / "cli.mp4").read_bytes() == local.path.read_bytes() != plain.path.read_bytes()
 
 
 def test_errors_name_the_field_once_and_cut_long_values(capsys):

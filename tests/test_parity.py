@@ -33,7 +33,8 @@ def reference(components):
     )
 
 
-def run_reference(pipe, sampling_type, sections, output_type):
+def run_reference(pipe, sampling_type, sections, output_type, **guidance):
+    """The pipeline's output; `guidance`: its real-CFG arguments (true_cfg_scale, negative_prompt)."""
     image = resize_and_center_crop(load_image(SAMPLE_IMAGE), W, H)
     template = {"template": PROMPT_TEMPLATE, "crop_start": prompt_crop_start(pipe.tokenizer)}
     pipe.set_progress_bar_config(disable=True)
@@ -49,6 +50,7 @@ def run_reference(pipe, sampling_type, sections, output_type):
         sampling_type=sampling_type,
         prompt_template=template,
         output_type=output_type,
+        **guidance,
     ).frames
 
 
@@ -77,6 +79,24 @@ def test_latents_and_frames_match_reference(components, reference, video_frames,
     assert np.abs(frames.astype(np.float64) / 255 - ref_frames).max() <= 1 / 255
     assert frames.std() > 10  # real content, not a constant that would match anything
     assert np.array_equal(read_frames(ours.path), as_segments(plan, frames))  # the mp4 holds them, segment by segment
+
+
+@pytest.mark.parametrize("schedule,sampling_type,negative_prompt", [("inverted", "inverted_anti_drifting", "blurry, static"),
+                                                                  ("forward", "vanilla", "")])
+def test_real_cfg_with_a_negative_prompt_matches_reference(components, reference, tmp_path, schedule, sampling_type, negative_prompt):
+    """true_cfg_scale > 1: two passes per step, v = v_neg + scale * (v_pos - v_neg). An empty
+    negative prompt is still a negative prompt (as the demo's default n_prompt)."""
+    sections, cfg = 2, 3.5
+    request = make_request(
+        prompt=PROMPT, schedule=schedule, sampler="euler", steps=STEPS, seed=SEED, width=W, height=H,
+        seconds=sections * 1.2, guidance=10.0, cfg=cfg, negative_prompt=negative_prompt,
+    )
+    ours = render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
+    ref = run_reference(reference, sampling_type, sections, "latent", true_cfg_scale=cfg, negative_prompt=negative_prompt)[-1]
+    assert (ours.latents - ref).abs().max().item() <= 1e-5
+    # the comparison can fail: without the negative pass the latents land elsewhere
+    plain = run_reference(reference, sampling_type, sections, "latent")[-1]
+    assert (plain - ref).abs().max().item() > 1e-2
 
 
 def test_end_image_embedding_reaches_the_transformer(components, tmp_path):

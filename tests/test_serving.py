@@ -171,6 +171,9 @@ def test_cancel_stops_the_work(app):
     ({**SMALL}, "huge", 422, "image: 'the upload' is too large (400,000,000 pixels"),
     ({**SMALL}, "tiny", 422, "each side at least 16"),
     ({**SMALL, "seconds": "0.1"}, "png", 422, "less than half a section"),
+    ({**SMALL, "cfg": "0.5"}, "png", 422, "cfg: Input should be greater than or equal to 1"),
+    ({**SMALL, "cfg": "2", "cfg_rescale": "3"}, "png", 422, "cfg_rescale: Input should be less than or equal to 1"),
+    ({**SMALL, "negative_prompt": "blurry"}, "png", 422, "negative_prompt: needs cfg above 1"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
@@ -180,6 +183,24 @@ def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
               "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")}}.get(files)
     r = client.post("/v1/renders", data=data, files=upload)
     assert r.status_code == status and reason in r.json()["detail"], r.text
+
+
+def test_real_guidance_fields_reach_the_generator(app, components, tmp_path):
+    """cfg, negative_prompt and cfg_rescale as form fields: in the record, and the video is the
+    one the same request renders locally."""
+    from fp_ray.render import render
+    from fp_ray.request import make_request
+
+    client, _ = app
+    guided = {"cfg": "2.5", "negative_prompt": "blurry, static", "cfg_rescale": "0.3"}
+    rid = submit(client, seconds="1.2", seed="3", **guided)
+    record = wait_until(client, rid, {"finished", "failed"})
+    assert record["status"] == "finished", record["error"]
+    assert {k: record["request"][k] for k in guided} == {"cfg": 2.5, "negative_prompt": "blurry, static", "cfg_rescale": 0.3}
+    request = make_request(prompt=SMALL["prompt"], width=64, height=48, steps=4, seconds=1.2, seed=3, cfg=2.5,
+                           negative_prompt="blurry, static", cfg_rescale=0.3)
+    local = render(request, tmp_path / "local.mp4", components=components)
+    assert client.get(f"/v1/renders/{rid}/video.mp4").content == local.path.read_bytes()
 
 
 def test_other_bad_requests(app):
@@ -249,11 +270,16 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
         assert "finished" in page.text_content("#status")
         assert page.get_attribute("#download", "href").startswith("blob:")
         page.screenshot(path=str(Path(os.environ.get("FP_RAY_SCREENSHOTS", "/tmp")) / "fp-ray-web.png"))
-        # a render cancelled elsewhere shows as cancelled
+        # a render cancelled elsewhere shows as cancelled; its guidance fields came from the form
         page.fill("#seconds", "30")
+        page.fill("#cfg", "2.5")
+        page.fill("#negative_prompt", "blurry")
+        page.fill("#cfg_rescale", "0.3")
         page.click("#submit")
         page.wait_for_function("() => /sections/.test(document.getElementById('status').textContent)", timeout=60_000)
         rid = page.text_content("#status").split()[1].rstrip(":")
+        sent = client.get(f"/v1/renders/{rid}").json()["request"]
+        assert (sent["cfg"], sent["negative_prompt"], sent["cfg_rescale"]) == (2.5, "blurry", 0.3)
         assert client.delete(f"/v1/renders/{rid}").json()["status"] == "cancelled"
         page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': cancelled')", timeout=30_000)
         assert page.text_content("#error") == ""
