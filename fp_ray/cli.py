@@ -17,6 +17,7 @@ from . import __version__
 from .coordinator import RenderFailed
 from .encode import ImageError, load_image
 from .devices import MEMORY_MODES, MemoryModeError
+from .lora import LoraRegistry
 from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
@@ -51,6 +52,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, default=d["crf"].default, help="x264 quality, lower is better (default %(default)s)")
     p.add_argument("--model", default=d["model"].default, help="checkpoint folder or hub id (default: the tiny checkpoint)")
     p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+    p.add_argument("--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]",
+                   help="a LoRA: .safetensors file, folder or hub id, with its weight (default 1), e.g. style.safetensors:0.8 (repeatable)")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -91,11 +94,16 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         crf=args.crf,
         model=args.model,
         cache_threshold=FAST_CACHE_THRESHOLD if args.cache_threshold is None and getattr(args, "fast", False) else args.cache_threshold,
+        loras=args.lora,
     )
     # Everything that can be checked before loading a model is checked here.
     load_image(request.image_path, "image")
     if request.end_image:
         load_image(request.end_image, "end_image")
+    if request.loras and speed_from_args(args).fp8:
+        raise CliError("--lora: PEFT cannot wrap the FP8-quantized layers of --fp8 / --fast; drop them "
+                       "(--compile and --cache-threshold work with LoRAs)")
+    LoraRegistry().resolve(request.loras)  # the files exist and are safetensors (hashes are kept for the encoder)
     ModelSources.resolve(request.model)
     return request
 

@@ -92,7 +92,8 @@ def render_context(encoded: Encoded, request_id: str, store: SectionStore) -> Re
     one draw: the reference's single generator, without replaying it."""
     plan = encoded.plan
     states = noise_stream(plan, encoded.cond, encoded.request.seed).section_states(plan.num_sections)
-    return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root)
+    return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root,
+                         encoded.loras)
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):
