@@ -92,7 +92,8 @@ def find_lora_file(location: str) -> Path:
     if path.is_dir():
         return _single_file(path, what).resolve()
     parts = location.split("/")
-    if location.startswith((".", "/", "~")) or len(parts) < 2 or not all(parts):
+    hub_id = len(parts) == 2 and not location.endswith(".safetensors") or len(parts) > 2 and location.endswith(".safetensors")
+    if location.startswith((".", "/", "~")) or not hub_id or not all(parts):
         raise LoraError(f"lora {what}: no such file or folder")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HFValidationError

@@ -149,7 +149,7 @@ def test_fingerprint_holds_lora_bytes_and_weights_not_names(encoded, loras, tmp_
         request_fingerprint(request.model_copy(update={"loras": (LoraChoice(name="x"),)}), images)
 
 
-def test_lora_text_and_registry(loras, tmp_path):
+def test_lora_text_and_registry(loras, tmp_path, monkeypatch):
     r = make_request(prompt="x", loras=f"{loras['attn']}:0.8, owner/repo, C:\\style.safetensors:-0.5")
     assert [(c.name, c.weight) for c in r.loras] == [(str(loras["attn"]), 0.8), ("owner/repo", 1.0), ("C:\\style.safetensors", -0.5)]
     for bad, message in [("a, a:0.5", "each LoRA once"), ("a:9", "less than or equal to 4"), ("a,b,c,d,e", "at most 4")]:
@@ -159,6 +159,10 @@ def test_lora_text_and_registry(loras, tmp_path):
     assert folder.location == str(loras["attn"])
     with pytest.raises(LoraError, match="no such file or folder"):
         LoraRegistry().resolve([LoraChoice(name=str(tmp_path / "missing.safetensors"))])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for hub_id in ("fp-ray-test/no-such-lora", "fp-ray-test/no-such-lora/style.safetensors"):
+        with pytest.raises(LoraError, match="not found as a hub id .HF_HUB_OFFLINE is set"):
+            LoraRegistry().resolve([LoraChoice(name=hub_id)])
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(LoraError, match="not a readable safetensors file"):
         LoraRegistry().resolve([LoraChoice(name=str(tmp_path / "junk.safetensors"))])
