@@ -385,12 +385,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except OSError as e:
             raise CliError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
     ModelSources.resolve(args.model)
+    loras = LoraRegistry.from_config(",".join(args.lora)).locations  # checked before Ray starts
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": token,
                      "device": args.device, "dtype": DTYPES.get(args.dtype), "memory": args.memory, "base": args.base,
                      "image_encoder": args.image_encoder, "force_schedule": args.force_schedule,
-                     "num_gpus": serve_gpus(args)})
+                     "num_gpus": serve_gpus(args), "loras": loras})
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
@@ -484,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p_serve.add_argument("--lora", action="append", default=[], metavar="NAME=LOCATION",
+                         help="a LoRA requests may name: NAME for a .safetensors file, folder or hub id (repeatable); "
+                              "requests can name no other")
     add_load_args(p_serve)
     p_serve.set_defaults(func=cmd_serve)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import warnings
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from .request import LoraChoice, RequestError, excerpt
+
+log = logging.getLogger(__name__)
 
 ADAPTERS_KEPT = 4  # per transformer; a 13B LoRA of rank 32 is ~0.3 GB in bf16
 REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -156,9 +159,15 @@ class LoraRegistry:
         self.check(loras)
         files = []
         for choice in loras:
-            location = choice.name if self.locations is None else self.locations[choice.name]
-            path = find_lora_file(location)
-            _check_safetensors(path, choice.name)
+            try:
+                path = find_lora_file(choice.name if self.locations is None else self.locations[choice.name])
+                _check_safetensors(path, choice.name)
+            except LoraError as e:
+                if self.locations is None:
+                    raise
+                # a server's paths stay in its log, not in the answer to a request
+                log.error("registered LoRA %r: %s", choice.name, e)
+                raise LoraError(f"lora {excerpt(choice.name)}: the server cannot read its file; see the server log") from None
             files.append(LoraFile(choice.name, choice.weight, str(path), file_digest(path)))
         digests = [f.digest for f in files]
         if len(set(digests)) < len(digests):

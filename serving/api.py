@@ -215,18 +215,27 @@ def make_api() -> FastAPI:
     async def submit(request: Request):
         """Multipart: `image` (file), optional `end_image` (file), and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
-        fps, crf). JSON: the same fields with `image_url` (http/https)."""
+        fps, crf, cache_threshold, loras: "name:weight, ..." of the names GET /v1/loras lists).
+        JSON: the same fields with `image_url` (http/https); loras also as [{name, weight}]."""
         client = authorize(request)
         svc = service(request)
         fields, image, end_image = await read_body(request)
         render_request = to_request(fields, end_image)
         try:
             rid = await svc.submit(render_request, image, end_image, client)
+        except RequestError as e:  # a LoRA the server does not offer
+            raise HTTPException(422, str(e)) from None
         except Busy as e:
             svc.metrics.rejected.labels("renders").inc()
             raise busy(e) from None
         body = public(await record_or_404(request, rid), base(request))
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+    @api.get("/v1/loras")
+    async def loras(request: Request):
+        """The LoRA names a request may give (the server's registry)."""
+        authorize(request)
+        return {"loras": service(request).loras.names}
 
     @api.get("/v1/renders")
     async def list_renders(request: Request, limit: int = 100):

@@ -172,6 +172,9 @@ def test_lora_text_and_registry(loras, tmp_path, monkeypatch):
     assert served.resolve([LoraChoice(name="style", weight=0.5)])[0].location == str(loras["attn"])
     with pytest.raises(LoraError, match="unknown LoRA '/etc/passwd'; this server offers: style"):
         served.resolve([LoraChoice(name="/etc/passwd")])  # a path is never read from a request
+    with pytest.raises(LoraError, match="'gone': the server cannot read its file") as error:
+        LoraRegistry.from_config({"gone": "/srv/private/gone.safetensors"}).resolve([LoraChoice(name="gone")])
+    assert "/srv" not in str(error.value)  # a server's paths stay in its log
     assert LoraRegistry.from_config("a=/x.safetensors, b=owner/repo").locations == {"a": "/x.safetensors", "b": "owner/repo"}
     with pytest.raises(LoraError, match="names must be"):
         LoraRegistry.from_config({"../x": "/x.safetensors"})
