@@ -190,3 +190,12 @@ def test_cli_lora_errors_are_one_line(tmp_path, capsys, loras):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fp-ray: error:") and message in err[0], err
     assert not out.exists()
+
+
+def test_serve_app_refuses_fp8_generators_with_loras(loras):
+    from serving.app import build_app
+
+    with pytest.raises(LoraError, match="fp8"):
+        build_app({"loras": {"style": str(loras["attn"])}, "speed": {"fp8": True}})
+    with pytest.raises(LoraError, match="expected name=location"):
+        build_app({"loras": "style"})
