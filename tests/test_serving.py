@@ -170,6 +170,7 @@ def test_cancel_stops_the_work(app):
     ({**SMALL}, "huge", 422, "image: 'the upload' is too large (400,000,000 pixels"),
     ({**SMALL}, "tiny", 422, "each side at least 16"),
     ({**SMALL, "seconds": "0.1"}, "png", 422, "less than half a section"),
+    ({**SMALL, "loras": "/etc/passwd:0.5"}, "png", 422, "unknown LoRA '/etc/passwd'; this server offers: none"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
