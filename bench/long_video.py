@@ -11,7 +11,11 @@ one (segments made by the decoders, joined without re-encoding), measured in thi
    VAE, new path): the slope of time and memory per section, and the projected peak for a
    10-minute video.
 
-    python bench/long_video.py [--seconds 10 60 300] [--old-up-to 60] [--sizes 1 2 3]
+3. The coordinator alone (`--coordinator 10 60 300`): the same renders over Ray actors, with
+   the coordinator's own peak RSS and the most sections' latents it held at once, projected
+   to a 10-minute 640x640 video.
+
+    python bench/long_video.py [--seconds 10 60 300] [--old-up-to 60] [--sizes 1 2 3] [--coordinator 10 60 300]
 """
 
 from __future__ import annotations
@@ -51,6 +55,42 @@ def child_render(seconds: float, out: str) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def child_coordinator(seconds: float, out: str) -> dict:
+    """The coordinator alone in this process, over Ray actors (one of each kind, their models
+    in their own processes): this process's peak RSS is the coordinator's, and the most
+    sections' latents it held at once."""
+    import asyncio
+
+    import ray
+
+    from fp_ray import TINY_CHECKPOINT
+    from fp_ray.actors import PoolConfig, RayPools
+    from fp_ray.coordinator import SectionLatents, run_render
+    from fp_ray.request import make_request
+
+    held = [0]
+    add = SectionLatents.add
+
+    def counting_add(self, position, latents):
+        add(self, position, latents)
+        held[0] = max(held[0], len(self.in_memory()))
+
+    SectionLatents.add = counting_add
+    ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=False)  # its own instance
+    pools = RayPools(str(TINY_CHECKPOINT), PoolConfig(device="cpu"))
+    pools.wait_ready()
+    ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    request = make_request(**REQUEST, seconds=seconds)
+    t = time.perf_counter()
+    result = asyncio.run(run_render(request, pools, out=out))
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pools.shutdown()
+    ray.shutdown()
+    return {"wall_s": wall, "sections": result.plan.num_sections, "frames": result.plan.pixel_frames,
+            "coordinator_peak_rss_mb": peak / 1024, "ready_rss_mb": ready / 1024, "max_sections_in_memory": held[0]}
+
+
 def child_synthetic(sections: int, size: int, window: int) -> dict:
     """decode + segment + write of `sections` random sections at size x size (new path)."""
     import asyncio
@@ -86,6 +126,30 @@ def child_synthetic(sections: int, size: int, window: int) -> dict:
     assert ctx.plan.num_sections == sections, ctx.plan.num_sections
     return {"sections": sections, "size": size, "window": window, "wall_s": wall, **{f"{k}_s": v for k, v in timings.items()},
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded / 1024}
+
+
+def project_coordinator(rows: list[dict], size: int) -> dict | None:
+    """The coordinator's peak for a 10-minute video at size x size, from its measured peaks:
+    the longest run's peak, plus its slope per section (least squares) over the sections a
+    10-minute video adds, plus the latents it holds at once grown to that size (the
+    sections held in memory and the chunk decodes in flight, two sections each)."""
+    if len(rows) < 2:
+        return None
+    from fp_ray.segments import DECODES_IN_FLIGHT
+
+    rows = sorted(rows, key=lambda r: r["sections"])
+    slope = least_squares([r["sections"] for r in rows], [r["coordinator_peak_rss_mb"] for r in rows])
+    ten_minutes = round(600 * 30 / (4 * 9))
+    last = rows[-1]
+    section_mb = 16 * 9 * (size // 8) ** 2 * 4 / 2**20  # float32 latents of one section
+    held = max(r["max_sections_in_memory"] for r in rows) + 2 * DECODES_IN_FLIGHT
+    projected = last["coordinator_peak_rss_mb"] + max(slope, 0) * (ten_minutes - last["sections"]) + held * section_mb
+    print(f"\ncoordinator alone: {slope:+.3f} MB per section (least squares over {len(rows)} runs, "
+          f"{rows[0]['coordinator_peak_rss_mb']:.0f} MB at {rows[0]['sections']} sections, {last['coordinator_peak_rss_mb']:.0f} MB at "
+          f"{last['sections']}); at most {held - 2 * DECODES_IN_FLIGHT} sections' latents held at once. Projected for 10 minutes at "
+          f"{size}x{size} ({ten_minutes} sections, {section_mb:.1f} MB of latents a section, {held} held): {projected:.0f} MB")
+    return {"slope_mb_per_section": slope, "sections": ten_minutes, "section_latents_mb": section_mb,
+            "sections_held": held, "projected_peak_mb": projected}
 
 
 def spawn(tree: Path, *args: str) -> dict:
@@ -140,6 +204,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1,
                    help="latent window of the 640x640 run (default %(default)s: small chunks, so many sections fit the time)")
     p.add_argument("--reuse", type=Path, help="rows this script printed (JSON lines): kinds present there are not measured again")
+    p.add_argument("--coordinator", type=float, nargs="*", default=[10, 60, 300],
+                   help="video lengths for the coordinator alone over Ray actors (none: skip)")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/long_video.json")
     p.add_argument("--figures", type=Path, default=ROOT / "docs")
@@ -148,6 +214,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "render":
             print(json.dumps(child_render(float(rest[0]), rest[1])))
+        elif kind == "coordinator":
+            print(json.dumps(child_coordinator(float(rest[0]), rest[1])))
         else:
             print(json.dumps(child_synthetic(int(rest[0]), int(rest[1]), int(rest[2]))))
         return
@@ -175,6 +243,14 @@ def main() -> None:
               f"{n['per_section_s'] / base['per_section_s']:5.2f} {n['peak_rss_mb']:8.0f} "
               f"{n['peak_rss_mb'] / base['peak_rss_mb']:5.2f} | {old}")
 
+    coordinator = [r for r in reused if "coordinator_peak_rss_mb" in r]
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in [] if coordinator else args.coordinator:
+            row = {"seconds": seconds, **spawn(ROOT, "coordinator", str(seconds), f"{tmp}/ray.mp4")}
+            coordinator.append(row)
+            print(json.dumps(row), flush=True)
+    coordinator_projection = project_coordinator([r for r in coordinator if "coordinator_peak_rss_mb" in r], args.size)
+
     synthetic = [r for r in reused if "size" in r]
     have = {(r["sections"], r.get("window", 9)) for r in synthetic}
     for n in [n for n in args.sizes if (n, args.window) not in have]:
@@ -195,7 +271,8 @@ def main() -> None:
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "request": REQUEST, "renders": renders, "synthetic": synthetic,
               "synthetic_slope_s_per_section": slope_s, "synthetic_slope_mb_per_section": slope_mb,
-              "projected_10min_peak_mb": projected}
+              "projected_10min_peak_mb": projected, "coordinator": coordinator,
+              "coordinator_projection": coordinator_projection}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.figures.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
     $PY -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
     $PY -c "import av; print('av', av.__version__)" 2>&1 | tail -1
+    env | grep -i -E "triton|inductor|cuda_launch|nvidia_tf32" | sort
+    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active --format=csv 2>&1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 # The bench stops its own parts at its budget; the timeout is the backstop that still leaves

@@ -8,8 +8,9 @@ encoders the text/image encoders (half a GPU each). Actors restart after a crash
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -23,10 +24,11 @@ from .placement import check_placement
 from .request import RenderRequest
 from .speed import SpeedOptions
 from .workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SectionOutOfMemory, SegmentJob,
-                      Shared)
+                      Shared, WorkerStartError)
 
 log = logging.getLogger(__name__)
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,11 @@ class RayPools:
         while True:
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=every_s)
             if not pending:
-                return ray.get(refs)
+                try:
+                    return ray.get(refs)
+                except LOST as e:  # the constructor raised: its own error, not Ray's wrapper
+                    lines = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if line.strip()]
+                    raise WorkerStartError(f"a worker failed to load its model: {lines[-1] if lines else type(e).__name__}") from e
             if notify is not None:
                 need = {k: self.config.gpus(k) for k in ("generator", "decoder", "encoder")}
                 notify(f"waiting for {len(pending)} of {len(refs)} actors to start (GPUs each: {need}, CPUs each: "

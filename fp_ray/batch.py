@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 
 from .actors import PoolConfig
-from .coordinator import generate_sections, render_context
+from .coordinator import SectionLatents, generate_sections, render_context
 from .encode import decode_image, read_request_images, request_fingerprint
 from .lora import LoraRegistry
 from .models import ModelSpec
@@ -288,7 +288,9 @@ class GenerateStage(RowStage):
         ctx = render_context(pickle.loads(payload), rid, self.store)
         done, reused, seconds = asyncio.run(self._generate(ctx))
         record.update(generate_s=seconds, sections_reused=len(reused))
-        return {"id": rid, "record": record, "payload": pickle.dumps((ctx, dict(done.items())))}
+        # the latents stay in the store (each section is saved before it counts as done): the
+        # row carries the render's context only, whatever the video's length
+        return {"id": rid, "record": record, "payload": pickle.dumps(ctx)}
 
     async def _generate(self, ctx: RenderContext):
         return await generate_sections(ctx, await self.pools.share(ctx), self.pools)
@@ -306,7 +308,8 @@ class DecodeStage(RowStage):
         self.out = out
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
-        ctx, done = pickle.loads(payload)
+        ctx = pickle.loads(payload)
+        done = SectionLatents.stored(ctx, range(ctx.plan.num_sections))
         output, timings = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
         frames = ctx.plan.pixel_frames
         record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,

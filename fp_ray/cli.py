@@ -13,18 +13,19 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
 from .encode import ImageError, load_image
 from .devices import MEMORY_MODES, MemoryModeError
 from .lora import LoraRegistry
+from .metadata import MetadataError, model_identity, read_metadata, recorded_image
 from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
 from .speed import FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
 from .storage import StorageError, is_uri
-from .workers import SectionOutOfMemory
+from .workers import SectionOutOfMemory, WorkerStartError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
@@ -35,22 +36,28 @@ class CliError(Exception):
 
 
 def add_request_args(p: argparse.ArgumentParser) -> None:
-    d = RenderRequest.model_fields
+    # Defaults are None here and filled by the request model, so that with --from only the
+    # options a user gives override the recorded request.
+    d = {name: f.default for name, f in RenderRequest.model_fields.items()}
+    p.add_argument("--from", dest="source", metavar="VIDEO",
+                   help="re-render a video fp-ray made (its mp4 or its .mp4.json sidecar): its recorded request, "
+                        "with the options given here overriding fields; the images are read from their recorded "
+                        "paths when unchanged, else give --image / --end-image")
     p.add_argument("--image", help="start image (default: the sample image fp-ray ships)")
     p.add_argument("--prompt", help="text prompt; timestamped parts switch prompts per section: '0s: ...; 4s: ...'")
     p.add_argument("--end-image", help="end image (inverted or bidirectional schedule)")
-    p.add_argument("--seconds", type=float, default=d["seconds"].default, help="video length (default %(default)s)")
-    p.add_argument("--schedule", default=d["schedule"].default, help=f"{' | '.join(SCHEDULES)} (default %(default)s)")
-    p.add_argument("--sampler", default=d["sampler"].default, help="unipc | euler (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d["steps"].default, help="denoising steps per section (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=d["guidance"].default, help="distilled guidance (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="noise seed (default %(default)s)")
+    p.add_argument("--seconds", type=float, help=f"video length (default {d['seconds']})")
+    p.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)} (default {d['schedule']})")
+    p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")
+    p.add_argument("--steps", type=int, help=f"denoising steps per section (default {d['steps']})")
+    p.add_argument("--guidance", type=float, help=f"distilled guidance (default {d['guidance']})")
+    p.add_argument("--seed", type=int, help=f"noise seed (default {d['seed']})")
     p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default: the image's aspect at --resolution)")
-    p.add_argument("--resolution", type=int, default=d["resolution"].default, help="bucket side when --size is not given (default: 640; the tiny checkpoint: 160)")
-    p.add_argument("--window", type=int, default=d["window"].default, help="latent frames per section (default %(default)s)")
-    p.add_argument("--fps", type=int, default=d["fps"].default)
-    p.add_argument("--crf", type=int, default=d["crf"].default, help="x264 quality, lower is better (default %(default)s)")
-    p.add_argument("--model", default=d["model"].default, help="checkpoint folder or hub id (default: the tiny checkpoint)")
+    p.add_argument("--resolution", type=int, help="bucket side when --size is not given (default: 640; the tiny checkpoint: 160)")
+    p.add_argument("--window", type=int, help=f"latent frames per section (default {d['window']})")
+    p.add_argument("--fps", type=int, help=f"frames per second (default {d['fps']})")
+    p.add_argument("--crf", type=int, help=f"x264 quality, lower is better (default {d['crf']})")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the tiny checkpoint)")
     p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
     p.add_argument("--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]",
                    help="a LoRA: .safetensors file, folder or hub id, with its weight (default 1), e.g. style.safetensors:0.8 (repeatable)")
@@ -70,32 +77,45 @@ def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
+REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "seed",
+                   "resolution", "window", "fps", "crf", "model")
+
+
+def recorded_fields(args: argparse.Namespace) -> dict:
+    """With --from: the recorded request's fields, images checked against their hashes."""
+    if not args.source:
+        return {}
+    record = read_metadata(args.source, f"--from {excerpt(args.source, 120)}")
+    known = set(RenderRequest.model_fields)
+    fields = {k: v for k, v in record["request"].items() if k in known}
+    fields["image"] = recorded_image(record, "image", args.image, "--image")
+    fields["end_image"] = recorded_image(record, "end_image", args.end_image, "--end-image")
+    if record.get("fp_ray_version") != __version__:
+        note(f"{args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is {__version__}: the video may differ")
+    if args.model is None and isinstance(record.get("model"), dict):
+        here = model_identity(fields.get("model") or str(TINY_CHECKPOINT), getattr(args, "base", None), getattr(args, "image_encoder", None))
+        changed = [name for name, part in here.items() if part["sha256"] != (record["model"].get(name) or {}).get("sha256")]
+        if changed:
+            note(f"{args.source}: this model ({', '.join(changed)}) is not the one recorded: the video may differ")
+    return fields
+
+
+def note(line: str) -> None:
+    print(f"fp-ray: note: {line}", file=sys.stderr)
+
+
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
-    if args.image and args.prompt is None:
+    if args.image and args.prompt is None and not args.source:
         raise CliError("--prompt is required with --image")
-    width = height = None
+    fields = {"prompt": SAMPLE_PROMPT, **recorded_fields(args)}
+    fields.update({name: getattr(args, name) for name in REQUEST_OPTIONS if getattr(args, name) is not None})
     if args.size:
-        width, height = parse_size(args.size)
-    request = make_request(
-        prompt=SAMPLE_PROMPT if args.prompt is None else args.prompt,
-        image=args.image,
-        end_image=args.end_image,
-        seconds=args.seconds,
-        schedule=args.schedule,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        width=width,
-        height=height,
-        resolution=args.resolution,
-        window=args.window,
-        fps=args.fps,
-        crf=args.crf,
-        model=args.model,
-        cache_threshold=FAST_CACHE_THRESHOLD if args.cache_threshold is None and getattr(args, "fast", False) else args.cache_threshold,
-        loras=args.lora,
-    )
+        fields["width"], fields["height"] = parse_size(args.size)
+    if args.cache_threshold is not None or getattr(args, "fast", False):
+        fields["cache_threshold"] = FAST_CACHE_THRESHOLD if args.cache_threshold is None else args.cache_threshold
+    if args.lora:
+        fields["loras"] = args.lora
+    request = make_request(**fields)
     # Everything that can be checked before loading a model is checked here.
     load_image(request.image_path, "image")
     if request.end_image:
@@ -200,8 +220,9 @@ def cmd_render(args: argparse.Namespace) -> None:
         from .actors import RayPools
         from .coordinator import run_render
 
+        config = pool_config(args)  # bad options fail here, before Ray starts
         connect(args.address)
-        pools = RayPools(spec.model, pool_config(args))
+        pools = RayPools(spec.model, config)
         pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
         startup = time.perf_counter() - STARTED
         result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
@@ -212,6 +233,8 @@ def cmd_render(args: argparse.Namespace) -> None:
         startup = time.perf_counter() - STARTED
         result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
                         request_id=args.id, progressive=args.progressive)
+        global _skip_teardown
+        _skip_teardown = True  # everything is written and closed; nothing of this render outlives it
     t = result.timings
     print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
           f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
@@ -504,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, PlacementError, MemoryModeError,
-            SpeedOptionError) as e:
+            SpeedOptionError, MetadataError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    except (RenderFailed, SectionOutOfMemory) as e:  # the input was fine; the render could not finish
+    except (RenderFailed, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -517,5 +540,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+# Set by a finished local render: `run` then leaves without the interpreter's teardown, about 1 s
+# (up to 2 s on a loaded machine) of freeing torch's and the models' objects one by one, a tenth
+# of the README demo. Never after --ray (Ray's own exit hooks stop the processes it started).
+_skip_teardown = False
+
+
+def run() -> None:
+    """The `fp-ray` command."""
+    code = main()
+    if _skip_teardown:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

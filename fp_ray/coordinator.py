@@ -23,6 +23,7 @@ import torch
 from .decode import full_latents
 from .encode import Encoded
 from .generate import noise_stream
+from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
@@ -86,14 +87,17 @@ class Progress:
         return (self.total - self.done) * elapsed / (self.done - 1)
 
 
-def render_context(encoded: Encoded, request_id: str, store: SectionStore) -> RenderContext:
+def render_context(encoded: Encoded, request_id: str, store: SectionStore,
+                   sources: tuple[str | None, str | None] | None = None) -> RenderContext:
     """The shared part of a render. The noise stream's state at every section's start is
     taken here once (O(sections) draws in all), so any worker gets section k's noise in
-    one draw: the reference's single generator, without replaying it."""
+    one draw: the reference's single generator, without replaying it. `sources`: where the
+    images came from, as the video records them (None: the request's paths)."""
     plan = encoded.plan
     states = noise_stream(plan, encoded.cond, encoded.request.seed).section_states(plan.num_sections)
+    metadata = "" if encoded.provenance is None else dumps(render_metadata(encoded.request, encoded.provenance, sources))
     return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root,
-                         encoded.loras)
+                         encoded.loras, metadata)
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):
@@ -105,6 +109,14 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         self.store, self.ids = SectionStore(ctx.store), (ctx.request_id, ctx.fingerprint)
         self._finished: set[int] = set()
         self._memory: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def stored(cls, ctx: RenderContext, positions) -> "SectionLatents":
+        """The sections of `positions` the render's store holds, none of them read yet: a
+        resumed render, or the batch's decode stage, loads each only when it is needed."""
+        done = cls(ctx)
+        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section"))
+        return done
 
     def add(self, position: int, latents: torch.Tensor) -> None:
         self._finished.add(position)
@@ -151,10 +163,7 @@ async def generate_sections(
     (latents by position, reused positions, seconds spent in the section function).
     """
     request, plan = ctx.request, ctx.plan
-    store = SectionStore(ctx.store)
-    done = SectionLatents(ctx)
-    for position, latents in store.load_all(ctx.request_id, ctx.fingerprint, range(plan.num_sections)).items():
-        done.add(position, latents)
+    done = SectionLatents.stored(ctx, range(plan.num_sections))
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": plan.pixel_frames,
@@ -182,7 +191,7 @@ async def generate_sections(
                         return event["latents"]
             except WorkerLost as e:
                 # The worker may have saved the section just before it died.
-                saved = store.load(ctx.request_id, ctx.fingerprint, section.position)
+                saved = done.store.load(*done.ids, section.position)
                 if saved is not None:
                     return saved
                 emit({"type": "section_retry", "position": section.position, "attempt": attempt, "error": str(e)})
@@ -234,6 +243,7 @@ async def run_render(
     progressive: str | Path | None = None,
     attempts: int = 3,
     images: tuple[bytes, bytes | None] | None = None,
+    sources: tuple[str | None, str | None] | None = None,
     keep_latents: bool = False,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out`: encode, generate the sections
@@ -241,7 +251,9 @@ async def run_render(
     join them. `store`: checkpoints (sections, segments) a rerun of the same render reuses
     (None: a temporary folder). `progressive`: a fragmented mp4 that grows with the finished
     time-ordered prefix. `images`: the image bytes, when the caller holds them (an upload)
-    rather than the workers reading `request.image`. `keep_latents`: return the whole
+    rather than the workers reading `request.image`; `sources`: where they came from, as
+    the video records them (None: the request's paths; uploads: (None, None)). The mp4 and
+    its sidecar `{out}.json` carry the render record (metadata.py). `keep_latents`: return the whole
     latent video (O(sections) memory at the end; tests compare it). Events: plan, section_started, step
     (with eta_s), section_finished, section_retry, section_decoded (a segment is made),
     prefix, writing, finished.
@@ -252,7 +264,7 @@ async def run_render(
     t_encoded = time.perf_counter()
     rid = request_id or encoded.fingerprint[:16]
     with render_store(store) as where:
-        ctx = await asyncio.to_thread(render_context, encoded, rid, where)
+        ctx = await asyncio.to_thread(render_context, encoded, rid, where, sources)
         shared = await pools.share(ctx)
         segments = Segments(ctx, shared, pools, emit, preview_dir, progressive)
         try:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .lora import LoraFile, LoraRegistry
+from .metadata import Provenance, model_identity, sha256
 from .models import Components, default_resolution, untiled
 from .request import RenderRequest, bucket_size, excerpt
 from .schedule import Plan, make_plan
@@ -233,6 +234,7 @@ class Encoded:
     cond: Conditioning
     fingerprint: str
     loras: tuple[LoraFile, ...] = ()
+    provenance: Provenance | None = None  # image hashes and the model loaded: what the video records
 
 
 def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
@@ -263,4 +265,7 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end)
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes), loras), loras)
+    spec = c.spec
+    provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
+                            model_identity(spec.model, spec.base, spec.image_encoder))
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes), loras), loras, provenance)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +91,3 @@ def section_steps(
         for step, total, latents in run:
             yield step, total, latents.cpu() if step == total else latents
 
-
-def generate_section(*args, on_step: Callable[[int, int], None] | None = None, **kwargs) -> torch.Tensor:
-    """Run `section_steps` to the end: the section's clean latents."""
-    for step, total, latents in section_steps(*args, **kwargs):
-        if on_step is not None:
-            on_step(step, total)
-    return latents

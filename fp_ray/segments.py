@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 
 from .decode import segment_frames
+from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from .coordinator import Pools
 
 OnEvent = Callable[[dict], None]
+# Chunk decodes sent to the decoders at once, each with its sections' latents (3.7 MB a section
+# at 640x640): enough to keep a pool of decoders busy, few enough to bound memory.
+DECODES_IN_FLIGHT = 16
 
 
 class SegmentsMissing(RuntimeError):
@@ -47,6 +51,7 @@ class Segments:
         self.submitted = set(self.decoded)
         self.joining: set[int] = set()
         self.tasks: list[asyncio.Task] = []
+        self._slots = asyncio.Semaphore(DECODES_IN_FLIGHT)
         self.first_decode: float | None = None
         self.last_made = time.perf_counter()
         self.prefix = 0  # segments [0, prefix) are in the progressive output
@@ -77,7 +82,7 @@ class Segments:
             k = s.position
             if k not in self.submitted and all(p in done for p in s.decode_needs):
                 self.submitted.add(k)
-                self._spawn(self._decode(k, {p: done[p] for p in s.decode_needs}))
+                self._spawn(self._decode(k, s.decode_needs, done))
 
     def will_read(self, position: int) -> bool:
         """Whether a chunk not yet submitted decodes section `position`'s latents."""
@@ -92,9 +97,13 @@ class Segments:
             return SegmentAction.SKIP
         return SegmentAction.MAKE if neighbour < 0 or neighbour in self.decoded else SegmentAction.KEEP
 
-    async def _decode(self, k: int, latents: dict[int, torch.Tensor]) -> None:
-        job = SegmentJob(self.shared, k, latents, left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
-        await self._run(job)
+    async def _decode(self, k: int, needs: tuple[int, ...], done: Mapping[int, torch.Tensor]) -> None:
+        # The latents are read when the decode gets its slot, not when it is queued: a tail of
+        # many queued chunks (the batch's decode stage, slow decoders) holds a few in memory.
+        async with self._slots:
+            job = SegmentJob(self.shared, k, {p: done[p] for p in needs},
+                             left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
+            await self._run(job)
         self.decoded.add(k)
         self._join_if_ready(k)
         self._join_if_ready(k + 1)
@@ -133,7 +142,7 @@ class Segments:
     def _append_progressive(self, k: int) -> None:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
-            self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED)
+            self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
         self._progressive.append(read_bytes(self._location(k)))
         if k == self.n - 1:
             self._progressive.close()
@@ -168,14 +177,22 @@ class Segments:
         for k in range(self.n):
             yield read_bytes(self._location(k))
 
+    def _tags(self) -> dict[str, str]:
+        return {TAG: self.ctx.metadata} if self.ctx.metadata else {}
+
     def write(self, out: str | Path) -> str:
-        """Join the segments into `out` (a path or a pyarrow.fs URI): packets copied, no re-encode."""
+        """Join the segments into `out` (a path or a pyarrow.fs URI): packets copied, no
+        re-encode; the render record goes in its tags and, once the mp4 is in place, in the
+        sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
         if not is_uri(out):
-            return str(join_segments(self.segments(), out, fps))
-        with tempfile.TemporaryDirectory() as tmp:
-            local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps)
-            write_bytes(str(out), local.read_bytes())
+            join_segments(self.segments(), out, fps, self._tags())
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps, self._tags())
+                write_bytes(str(out), local.read_bytes())
+        if self.ctx.metadata:
+            write_bytes(sidecar_location(out), self.ctx.metadata.encode())
         return str(out)
 
 

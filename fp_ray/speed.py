@@ -47,6 +47,16 @@ class SpeedOptions:
     attention: str | None = None  # diffusers AttentionBackendName value; None: torch SDPA's own choice
     fp8: bool = False  # fast mode: FP8 matmuls in the transformer blocks (approximate)
 
+    def __post_init__(self):
+        # Checked where the options are given (CLI, config), not first in a worker far away;
+        # whether the backend runs on the worker's device is checked there.
+        if self.attention is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            names = [b.value for b in AttentionBackendName]
+            if self.attention not in names:
+                raise SpeedOptionError(f"unknown attention backend {self.attention!r}; expected one of {', '.join(names)}")
+
     @classmethod
     def from_config(cls, config: "SpeedOptions | dict | None") -> "SpeedOptions":
         """From YAML/JSON config (`{compile: true, fp8: false, attention: _native_cudnn}`)."""

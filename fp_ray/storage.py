@@ -152,7 +152,3 @@ class SectionStore:
 
     def has(self, request_id: str, fingerprint: str, position: int, kind: str) -> bool:
         return exists(self.location(request_id, fingerprint, position, kind))
-
-    def load_all(self, request_id: str, fingerprint: str, positions) -> dict[int, torch.Tensor]:
-        found = {p: self.load(request_id, fingerprint, p) for p in positions}
-        return {p: t for p, t in found.items() if t is not None}

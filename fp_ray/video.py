@@ -10,7 +10,7 @@ import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import av
 import numpy as np
@@ -58,14 +58,6 @@ def _encode(frames: np.ndarray, target, fps: int, crf: int) -> None:
             container.mux(packet)
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 30, crf: int = 16) -> Path:
-    """Encode (F, H, W, 3) uint8 frames as H.264 yuv420p. Written to a temporary file in the
-    target folder and renamed into place, so a crash never leaves a truncated video."""
-    with _atomic(path) as tmp:
-        _encode(frames, tmp, fps, crf)
-    return Path(path)
-
-
 def encode_segment(frames: np.ndarray, fps: int, crf: int) -> bytes:
     """(F, H, W, 3) uint8 -> the bytes of an mp4 (a segment: a few MB, starts on a keyframe)."""
     buffer = io.BytesIO()
@@ -75,11 +67,13 @@ def encode_segment(frames: np.ndarray, fps: int, crf: int) -> bytes:
 
 class SegmentJoiner:
     """Muxes segments (mp4 bytes, same codec settings) one after another into one stream,
-    copying packets and shifting their timestamps: no re-encoding."""
+    copying packets and shifting their timestamps: no re-encoding. `metadata`: container
+    tags (e.g. {"comment": ...}), written with the header, before the first packet."""
 
-    def __init__(self, target: str, fps: int, options: dict[str, str]):
+    def __init__(self, target: str, fps: int, options: dict[str, str], metadata: Mapping[str, str] | None = None):
         self.fps = fps
         self.container = av.open(target, mode="w", format="mp4", options=options)
+        self.container.metadata.update(metadata or {})
         self.stream = None
         self.frames = 0
 
@@ -109,10 +103,10 @@ class SegmentJoiner:
         self.container.close()
 
 
-def join_segments(segments: Iterable[bytes], path: str | Path, fps: int) -> Path:
-    """The segments in order as one mp4 (moov at the front), written atomically."""
+def join_segments(segments: Iterable[bytes], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
+    """The segments in order as one mp4 (moov at the front, with the `metadata` tags), written atomically."""
     with _atomic(path) as tmp:
-        joiner = SegmentJoiner(tmp, fps, FASTSTART)
+        joiner = SegmentJoiner(tmp, fps, FASTSTART, metadata)
         try:
             for segment in segments:
                 joiner.append(segment)

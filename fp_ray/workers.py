@@ -47,6 +47,10 @@ async def iterate_in_thread(items: Iterator) -> AsyncIterator:
         yield item
 
 
+class WorkerStartError(RuntimeError):
+    """A worker failed while loading its model (a Ray actor's constructor raised): that error, in one line."""
+
+
 class SectionOutOfMemory(RuntimeError):
     """A section ran out of GPU memory; the message names the section, the memory mode and
     the device's memory figures."""
@@ -69,6 +73,7 @@ class RenderContext:
     noise_states: tuple[torch.Tensor, ...]  # generator state before each section's draw, by order
     store: str  # SectionStore root: section latents, segments, seam pixels
     loras: tuple[LoraFile, ...] = ()  # the request's LoRAs, resolved by the encoder
+    metadata: str = ""  # the render record (JSON) the mp4 and its sidecar carry (metadata.py)
 
     @property
     def key(self) -> str:

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Message
 
 from fp_ray.encode import ImageError, decode_image
+from fp_ray.metadata import MetadataError, parse_metadata
 from fp_ray.request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from serving.fetch import FetchRefused, fetch_image_bytes
 from serving.service import Busy, RenderService
@@ -160,6 +161,41 @@ def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
         raise HTTPException(422, str(e)) from None
 
 
+async def read_upload(request: Request, limit: int) -> bytes:
+    """One file: the body itself, or the first file of a multipart form; 413 past `limit`."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and len(length) < 20 and int(length) > limit:
+        raise HTTPException(413, f"request body is {int(length)} bytes; the limit is {limit}")
+    body = capped(request, limit)
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await body.form(max_files=1, max_fields=4)
+            upload = next((v for _, v in form.multi_items() if hasattr(v, "read")), None)
+            if upload is None:
+                raise HTTPException(422, "upload the video (or its .mp4.json) as a file")
+            return await upload.read()
+        return await body.body()
+    except BodyTooLarge:
+        raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+
+
+def form_fields(record: dict) -> dict:
+    """A render record's request as the fields POST /v1/renders takes (size as WxH); checked
+    as a request, so a hand-edited record cannot hand the page values it would refuse."""
+    fields = {k: v for k, v in record["request"].items() if k in FIELDS and v is not None}
+    try:
+        request = make_request(**fields, image="upload")
+    except (ValueError, TypeError) as e:  # RequestError is a ValueError
+        raise HTTPException(422, f"the render record holds a bad request: {e}") from None
+    fields.pop("loras", None)
+    if request.loras:  # as the form's text field takes them
+        fields["loras"] = ", ".join(f"{c.name}:{c.weight:g}" for c in request.loras)
+    width, height = record["request"].get("width"), record["request"].get("height")
+    if width is not None and height is not None:
+        fields["size"] = f"{width}x{height}"
+    return fields
+
+
 async def record_or_404(request: Request, rid: str) -> dict:
     svc = service(request)
     record = await svc.db(svc.records.get, rid) if len(rid) <= 64 else None
@@ -236,6 +272,21 @@ def make_api() -> FastAPI:
         """The LoRA names a request may give (the server's registry)."""
         authorize(request)
         return {"loras": service(request).loras.names}
+
+    @api.post("/v1/settings")
+    async def settings(request: Request):
+        """The settings a video fp-ray made was rendered with, to render it again: the mp4 (or
+        its `.mp4.json` sidecar; for a large mp4 its first few MB, where the record sits) as
+        the body or as a multipart file. Returns `fields` (as POST /v1/renders takes them),
+        the images' sha256 (the images are not in the video) and the fp-ray version."""
+        authorize(request)
+        data = await read_upload(request, service(request).max_upload_bytes)
+        try:
+            record = await asyncio.to_thread(parse_metadata, data, "the upload")
+        except MetadataError as e:
+            raise HTTPException(422, str(e)) from None
+        images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image")}
+        return {"fields": form_fields(record), "images": images, "fp_ray_version": record.get("fp_ray_version")}
 
     @api.get("/v1/renders")
     async def list_renders(request: Request, limit: int = 100):

@@ -244,6 +244,7 @@ class RenderService:
             images = await asyncio.to_thread(self._read_inputs, rid, request)
             result = await run_render(request, self.pools, out=self.video_path(rid), store=self.store, request_id=rid,
                                       on_event=lambda e: self._on_event(render, e), images=images,
+                                      sources=(None, None),  # uploads: the video records them by hash, never by server path
                                       preview_dir=self.folder(rid) / "previews", progressive=self.progressive_path(rid))
         except asyncio.CancelledError:
             if render.cancelled_by_user:  # cancel() already wrote the record

@@ -16,7 +16,8 @@ from fp_ray.coordinator import run_render
 from fp_ray.render import render
 from fp_ray.request import make_request
 from fp_ray.storage import SectionStore
-from fp_ray.workers import SectionOutOfMemory
+from fp_ray.speed import SpeedOptions
+from fp_ray.workers import SectionOutOfMemory, WorkerStartError
 
 REQUEST = dict(prompt="a quiet valley", width=64, height=48, steps=4)
 
@@ -97,7 +98,7 @@ def test_killed_generator_is_restarted_and_only_its_section_regenerated(pools, c
     assert sorted(started) == sorted(list(range(4)) + [victim])  # only the lost section ran twice
     local = render(request, tmp_path / "local.mp4", components=components)
     assert sha(result.path) == sha(local.path)
-    assert sorted(store.load_all("kill-test", result.fingerprint, range(4))) == [0, 1, 2, 3]
+    assert all(store.has("kill-test", result.fingerprint, p, "section") for p in range(4))
 
 
 class CoordinatorCrash(RuntimeError):
@@ -169,3 +170,15 @@ def test_lora_renders_on_actors_match_local_and_leave_no_trace(pools, components
     base, _ = ray_render(plain, pools, out=tmp_path / "plain.mp4", keep_latents=True)
     assert torch.equal(base.latents, render(plain, tmp_path / "p.mp4", components=components, keep_latents=True).latents)
     assert not torch.equal(base.latents, distributed.latents)
+
+
+def test_a_worker_that_cannot_load_its_model_fails_in_one_line(ray_cluster):
+    """A generator whose speed option cannot run where it landed (FP8 on a CPU) ends the wait
+    with its own error, not a Ray traceback."""
+    bad = RayPools(str(TINY_CHECKPOINT), PoolConfig(device="cpu", speed=SpeedOptions(fp8=True)))
+    try:
+        with pytest.raises(WorkerStartError, match="fp8 needs") as caught:
+            bad.wait_ready()
+        assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    finally:
+        bad.shutdown()

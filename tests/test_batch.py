@@ -100,6 +100,11 @@ def test_batch_video_is_byte_identical_to_local(batch_run, components, tmp_path)
     request = make_request(prompt=ROW["prompt"], seconds=1.2, width=64, height=48, steps=2, seed=5, image=str(tmp / "start.png"))
     local = render(request, tmp_path / "local.mp4", components=components)
     assert sha(local.path) == sha(out / "clip-5.mp4")
+    # the row's video records its request, with the manifest's image resolved, and renders again from it
+    record = json.loads((out / "clip-5.mp4.json").read_text())
+    assert record["request"]["image"] == str((tmp / "start.png").resolve()) and record["request"]["seed"] == 5
+    assert cli.main(["render", "--from", str(out / "clip-5.mp4"), "--out", str(tmp_path / "again.mp4")]) == 0
+    assert sha(tmp_path / "again.mp4") == sha(out / "clip-5.mp4")
 
 
 def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):

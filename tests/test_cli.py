@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 
 from fp_ray import SAMPLE_IMAGE
 from fp_ray.cli import main
-from fp_ray.video import read_frames
+from fp_ray.video import encode_segment, join_segments, read_frames
 
 from images import png_header_only
 
@@ -123,3 +127,70 @@ def test_ray_on_a_cluster_needs_a_store_every_node_sees(tmp_path, capsys):
     code = main(["render", *FAST, "--ray", "--address", "127.0.0.1:1", "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("fp-ray: error: --store: on a Ray cluster")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """One small render with its own start image, to render again from."""
+    tmp = tmp_path_factory.mktemp("from")
+    image = tmp / "start.png"
+    image.write_bytes(SAMPLE_IMAGE.read_bytes())
+    out = tmp / "a.mp4"
+    args = ["render", *FAST, "--seconds", "1.2", "--image", str(image), "--prompt", "a calm lake", "--seed", "5"]
+    assert main([*args, "--out", str(out), "--progressive", str(tmp / "progressive.mp4")]) == 0
+    return image, out
+
+
+def test_render_from_a_video_is_bit_identical_and_options_override(rendered, tmp_path):
+    image, original = rendered
+    sidecar = Path(f"{original}.json")
+    record = json.loads(sidecar.read_text())
+    for video in (original, original.parent / "progressive.mp4"):  # the mp4 and the fragmented one
+        with av.open(str(video)) as container:
+            assert json.loads(container.metadata["comment"]) == record
+    assert record["request"] | {"image": str(image), "prompt": "a calm lake", "seed": 5, "width": 64, "height": 48, "steps": 2} == record["request"]
+    again = tmp_path / "again.mp4"
+    assert main(["render", "--from", str(original), "--out", str(again)]) == 0
+    assert again.read_bytes() == original.read_bytes()
+    assert np.array_equal(read_frames(again), read_frames(original))
+    changed = tmp_path / "changed.mp4"
+    assert main(["render", "--from", str(sidecar), "--seed", "6", "--out", str(changed)]) == 0
+    request = json.loads(Path(f"{changed}.json").read_text())["request"]
+    assert request == {**record["request"], "seed": 6}
+    assert not np.array_equal(read_frames(changed), read_frames(original))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("changed", "--image: the start image '{image}' has changed since the render"),
+    ("gone", "--image: the start image '{image}' is gone; give it with --image"),
+    ("plain", "is not a video fp-ray made"),
+    ("missing", "--from '{source}': file not found"),
+])
+def test_render_from_without_its_inputs_is_one_line(rendered, tmp_path, capsys, case, message):
+    record = json.loads(Path(f"{rendered[1]}.json").read_text())
+    image = tmp_path / "start.png"
+    source = tmp_path / "v.mp4.json"
+    record["request"]["image"] = str(image)
+    source.write_text(json.dumps(record))
+    if case == "changed":
+        image.write_bytes(SAMPLE_IMAGE.read_bytes() + b"\0")
+    elif case == "plain":
+        source = join_segments([encode_segment(np.zeros((2, 48, 64, 3), dtype=np.uint8), 30, 16)], tmp_path / "plain.mp4", 30)
+    elif case == "missing":
+        source = tmp_path / "nope.mp4"
+    out = tmp_path / "out.mp4"
+    assert main(["render", "--from", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fp-ray: error:") and message.format(image=image, source=source) in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_from_notes_another_version_or_model(rendered, tmp_path, capsys):
+    record = json.loads(Path(f"{rendered[1]}.json").read_text())
+    record["fp_ray_version"] = "0.0.1"
+    record["model"]["transformer"]["sha256"] = "0" * 64
+    (tmp_path / "v.mp4.json").write_text(json.dumps(record))
+    assert main(["plan", "--from", str(tmp_path / "v.mp4.json")]) == 0
+    captured = capsys.readouterr()
+    assert "rendered with fp-ray 0.0.1" in captured.err and "this model (transformer) is not the one recorded" in captured.err
+    assert "64x48" in captured.out  # the recorded size, planned again

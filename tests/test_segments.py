@@ -225,3 +225,55 @@ def test_a_failed_decode_stops_the_render_at_the_next_section(components, tmp_pa
         asyncio.run(run_render(request, pools, out=tmp_path / "v.mp4"))
     assert len(pools.sections) < 4, pools.sections
     assert not (tmp_path / "v.mp4").exists()
+
+
+class Queueing:
+    """A decoder pool that only counts: how many decode jobs (each carrying its latents) are
+    out at once, and how many sections were read from the store before the first one ran."""
+
+    def __init__(self, loads: list):
+        self.loads, self.out, self.peak, self.loads_at_first = loads, 0, 0, None
+
+    async def segment(self, job):
+        if job.latents is None:  # a seam joined from stored halves
+            return []
+        self.loads_at_first = len(self.loads) if self.loads_at_first is None else self.loads_at_first
+        self.out += 1
+        self.peak = max(self.peak, self.out)
+        await asyncio.sleep(0)  # let every queued decode try to start
+        self.out -= 1
+        return [job.position]
+
+
+def test_a_long_tail_of_decodes_reads_latents_only_when_each_runs(components, tmp_path, monkeypatch):
+    """The batch's decode stage gets a whole video's sections at once, all in the store: none is
+    read up front, and at most DECODES_IN_FLIGHT chunks hold their latents at any time."""
+    from fp_ray.coordinator import SectionLatents
+    from fp_ray.segments import DECODES_IN_FLIGHT, Segments
+    from fp_ray.workers import Shared
+
+    request = make_request(**SMALL, schedule="inverted", seconds=44.0)
+    ctx = render_context(encode_request(components, request), "long-tail", SectionStore(tmp_path / "store"))
+    n = ctx.plan.num_sections
+    store = SectionStore(ctx.store)
+    shape = (1, 16, ctx.plan.window, ctx.plan.latent_height, ctx.plan.latent_width)
+    for p in range(n):
+        store.save(ctx.request_id, ctx.fingerprint, p, torch.randn(shape))
+    loads = []
+    original = SectionStore.load
+    monkeypatch.setattr(SectionStore, "load", lambda self, *a, **k: loads.append(a) or original(self, *a, **k))
+    done = SectionLatents.stored(ctx, range(n))
+    assert len(done) == n and done.in_memory() == [] and loads == []
+    pools = Queueing(loads)
+
+    async def run():
+        segments = Segments(ctx, Shared(ctx.key, ctx), pools, emit=lambda event: None)
+        segments.latents_ready(done)
+        await segments.wait()
+        return segments
+
+    segments = asyncio.run(run())
+    assert n > 2 * DECODES_IN_FLIGHT and len(segments.made) == n
+    assert pools.peak == DECODES_IN_FLIGHT
+    assert pools.loads_at_first <= 2 * DECODES_IN_FLIGHT  # a chunk reads at most two sections
+    assert len(loads) < 2 * n  # each section read for the chunks that decode it, not kept

@@ -4,6 +4,8 @@ vanished, heartbeats, retention."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -283,3 +285,30 @@ def test_requests_name_only_registered_loras(components, tmp_path):
         assert client.get(f"/v1/renders/{styled}").json()["request"]["loras"] == [{"name": "style", "weight": 0.8}]
         videos = [client.get(f"/v1/renders/{rid}/video.mp4").content for rid in (styled, plain)]
         assert videos[0] != videos[1]
+
+
+def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools, tmp_path):
+    with api_client(pools, tmp_path, max_upload_mb=1) as client:
+        r = client.post("/v1/renders", data={**SMALL, "seed": "9", "guidance": "8"}, files=files())
+        rid = r.json()["id"]
+        wait_status(client, rid, {"finished"})
+        video = client.get(f"/v1/renders/{rid}/video.mp4").content
+        sidecar = tmp_path / "renders" / rid / "video.mp4.json"
+        record = json.loads(sidecar.read_text())
+        assert record["request"]["image"] is None and record["request"]["end_image"] is None  # no server paths
+        assert record["images"]["image"]["sha256"] == hashlib.sha256(SAMPLE_IMAGE.read_bytes()).hexdigest()
+        expected = {"prompt": "a lake at dawn", "seconds": 1.2, "steps": 2, "seed": 9, "guidance": 8.0, "size": "64x48",
+                    "schedule": "inverted", "sampler": "unipc", "window": 9, "fps": 30, "crf": 16, "width": 64, "height": 48}
+        for body in ({"content": video}, {"files": {"video": ("v.mp4", video, "video/mp4")}}, {"content": sidecar.read_bytes()}):
+            settings = client.post("/v1/settings", **body)
+            assert settings.status_code == 200, settings.text
+            assert settings.json()["fields"] == expected
+            assert settings.json()["images"] == {"image": record["images"]["image"]["sha256"], "end_image": None}
+        again = client.post("/v1/renders", data=settings.json()["fields"], files=files())  # the same render again
+        wait_status(client, again.json()["id"], {"finished"})
+        assert client.get(f"/v1/renders/{again.json()['id']}/video.mp4").content == video
+        bad = client.post("/v1/settings", content=b"\x00\x00\x00\x18ftypisom" + b"\0" * 64)
+        assert bad.status_code == 422 and "neither an mp4 nor a JSON file" in bad.json()["detail"]
+        tampered = client.post("/v1/settings", content=sidecar.read_text().replace('"steps":2', '"steps":1000').encode())
+        assert tampered.status_code == 422 and "steps" in tampered.json()["detail"]
+        assert client.post("/v1/settings", content=b"0" * (2 * 1024 * 1024)).status_code == 413

@@ -3,6 +3,7 @@ before the final video, cancel, bad requests, restarts that keep records and res
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -258,6 +259,41 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
         page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': cancelled')", timeout=30_000)
         assert page.text_content("#error") == ""
         browser.close()
+
+
+def test_web_page_loads_settings_from_a_dropped_video(app):
+    """Drop a finished video on the page: its settings fill the form, the page checks the
+    picked image against the recorded hash, and rendering again gives the same video."""
+    from playwright.sync_api import sync_playwright
+
+    client, _ = app
+    rid = submit(client, seconds="1.2", seed="77", steps="3")
+    wait_until(client, rid, {"finished"})
+    video = client.get(f"/v1/renders/{rid}/video.mp4").content
+    make_file = """([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], name, { type })); return dt; }"""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(str(client.base_url) + "/")
+        junk = page.evaluate_handle(make_file, [base64.b64encode(b"hello").decode(), "notes.txt", "text/plain"])
+        page.dispatch_event("body", "drop", {"dataTransfer": junk})
+        page.wait_for_function("() => document.getElementById('error').textContent.includes('neither an mp4 nor a JSON')")
+        dropped = page.evaluate_handle(make_file, [base64.b64encode(video).decode(), "clip.mp4", "video/mp4"])
+        page.dispatch_event("body", "drop", {"dataTransfer": dropped})
+        page.wait_for_function("() => document.getElementById('loaded').textContent.startsWith('settings from clip.mp4')")
+        assert (page.input_value("#seed"), page.input_value("#seconds"), page.input_value("#prompt")) == ("77", "1.2", SMALL["prompt"])
+        assert page.get_attribute("input.loaded[name=steps]", "value") == "3"
+        assert page.get_attribute("input.loaded[name=size]", "value") == "64x48"
+        assert page.text_content("#recorded").startswith("pick the start image (sha256 ")
+        page.set_input_files("#image", str(SAMPLE_IMAGE))
+        page.wait_for_function("() => document.getElementById('recorded').textContent === 'start image matches'")
+        page.click("#submit")
+        page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': finished')", timeout=120_000)
+        again = page.text_content("#status").split()[1].rstrip(":")
+        assert page.text_content("#error") == ""
+        browser.close()
+    assert again != rid and client.get(f"/v1/renders/{again}/video.mp4").content == video
 
 
 def test_serve_config_matches_the_app():

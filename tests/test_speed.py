@@ -148,3 +148,16 @@ def test_cli_speed_flags_fail_clearly(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fp-ray: error:") and message in err[-1]
     assert not out.exists()
+
+
+def test_ray_render_checks_speed_options_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import fp_ray.cli
+
+    def no_ray(address):
+        raise AssertionError("Ray was started before the options were checked")
+
+    monkeypatch.setattr(fp_ray.cli, "connect", no_ray)
+    out = tmp_path / "v.mp4"
+    assert main(["render", "--ray", "--out", str(out), "--size", "64x48", "--seconds", "1.2", "--attention", "warp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown attention backend 'warp'" in err[0]

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import json
+
+import av
 import numpy as np
 import pytest
 
-from fp_ray.video import read_frames, write_mp4
+from fp_ray.video import FASTSTART, FRAGMENTED, SegmentJoiner, encode_segment, join_segments, read_frames
 
 
 def test_roundtrip_keeps_frames(tmp_path):
     rng = np.random.default_rng(0)
     frames = np.repeat(rng.integers(0, 255, (5, 1, 32, 48, 3), dtype=np.uint8), 1, axis=1)[:, 0]
     frames[:] = np.linspace(0, 255, 48, dtype=np.uint8)[None, None, :, None]  # smooth, compresses well
-    path = write_mp4(frames, tmp_path / "sub" / "v.mp4", fps=30, crf=0)
+    path = join_segments([encode_segment(frames, 30, 0)], tmp_path / "sub" / "v.mp4", fps=30)
     back = read_frames(path)
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3
@@ -20,7 +23,10 @@ def test_roundtrip_keeps_frames(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
     bad = np.zeros((2, 31, 47, 3), dtype=np.uint8)  # odd sizes: yuv420p refuses
     with pytest.raises(Exception):
-        write_mp4(bad, tmp_path / "v.mp4")
+        encode_segment(bad, 30, 16)
+    good = encode_segment(np.zeros((2, 32, 48, 3), dtype=np.uint8), 30, 16)
+    with pytest.raises(Exception):  # a broken segment half-way through the join
+        join_segments([good, b"not an mp4"], tmp_path / "v.mp4", fps=30)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -32,5 +38,25 @@ def test_same_frames_same_bytes(components, tmp_path):
 
     rendered = render(make_request(prompt="x", width=160, height=128, steps=2, seconds=1.2), tmp_path / "r.mp4", components=components)
     frames = read_frames(rendered.path)
-    digests = {write_mp4(frames, tmp_path / f"v{i}.mp4").read_bytes() for i in range(10)}
+    digests = {encode_segment(frames, 30, 16) for _ in range(10)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("options", [FASTSTART, FRAGMENTED], ids=["faststart", "fragmented"])
+def test_joined_and_progressive_mp4s_keep_their_tags(tmp_path, options):
+    """The render record rides in the comment tag through the packet-copying join, in the
+    moov-first mp4 and in the fragmented one, and reads back through PyAV (what ffprobe shows)."""
+    frames = np.zeros((4, 48, 64, 3), dtype=np.uint8)
+    segment = encode_segment(frames, 30, 16)
+    comment = json.dumps({"prompt": "é \"quoted\"\n" + "x" * 4000})
+    target = tmp_path / "v.mp4"
+    if options is FASTSTART:
+        join_segments([segment, segment], target, 30, {"comment": comment})
+    else:
+        joiner = SegmentJoiner(str(target), 30, options, {"comment": comment})
+        joiner.append(segment)
+        joiner.append(segment)
+        joiner.close()
+    with av.open(str(target)) as container:
+        assert container.metadata["comment"] == comment
+    assert read_frames(target).shape == (8, 48, 64, 3)
