@@ -17,6 +17,7 @@ from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
 from .encode import ImageError, load_image
 from .devices import MEMORY_MODES, MemoryModeError
+from .lora import LoraRegistry
 from .metadata import MetadataError, model_identity, read_metadata, recorded_image
 from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
@@ -63,6 +64,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, help=f"x264 quality, lower is better (default {d['crf']})")
     p.add_argument("--model", help="checkpoint folder or hub id (default: the tiny checkpoint)")
     p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+    p.add_argument("--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]",
+                   help="a LoRA: .safetensors file, folder or hub id, with its weight (default 1), e.g. style.safetensors:0.8 (repeatable)")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -115,11 +118,17 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         fields["width"], fields["height"] = parse_size(args.size)
     if args.cache_threshold is not None or getattr(args, "fast", False):
         fields["cache_threshold"] = FAST_CACHE_THRESHOLD if args.cache_threshold is None else args.cache_threshold
+    if args.lora:
+        fields["loras"] = args.lora
     request = make_request(**fields)
     # Everything that can be checked before loading a model is checked here.
     load_image(request.image_path, "image")
     if request.end_image:
         load_image(request.end_image, "end_image")
+    if request.loras and speed_from_args(args).fp8:
+        raise CliError("--lora: PEFT cannot wrap the FP8-quantized layers of --fp8 / --fast; drop them "
+                       "(--compile and --cache-threshold work with LoRAs)")
+    LoraRegistry().resolve(request.loras)  # the files exist and are safetensors (hashes are kept for the encoder)
     ModelSources.resolve(request.model)
     return request
 
@@ -404,12 +413,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except OSError as e:
             raise CliError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
     ModelSources.resolve(args.model)
+    loras = LoraRegistry.from_config(",".join(args.lora)).locations  # checked before Ray starts
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "storage": args.storage, "database": args.database, "auth_token": token,
                      "device": args.device, "dtype": DTYPES.get(args.dtype), "memory": args.memory, "base": args.base,
                      "image_encoder": args.image_encoder, "force_schedule": args.force_schedule,
-                     "num_gpus": serve_gpus(args)})
+                     "num_gpus": serve_gpus(args), "loras": loras})
     serve.run(app, name="fp-ray", route_prefix="/", blocking=False)
     print(f"fp-ray is serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
@@ -503,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", default="127.0.0.1")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p_serve.add_argument("--lora", action="append", default=[], metavar="NAME=LOCATION",
+                         help="a LoRA requests may name: NAME for a .safetensors file, folder or hub id (repeatable); "
+                              "requests can name no other")
     add_load_args(p_serve)
     p_serve.set_defaults(func=cmd_serve)
 

@@ -97,7 +97,7 @@ def render_context(encoded: Encoded, request_id: str, store: SectionStore,
     states = noise_stream(plan, encoded.cond, encoded.request.seed).section_states(plan.num_sections)
     metadata = "" if encoded.provenance is None else dumps(render_metadata(encoded.request, encoded.provenance, sources))
     return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root,
-                         metadata)
+                         encoded.loras, metadata)
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):

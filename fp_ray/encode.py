@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .lora import LoraFile, LoraRegistry
 from .metadata import Provenance, model_identity, sha256
 from .models import Components, default_resolution, untiled
 from .request import RenderRequest, bucket_size, excerpt
@@ -235,13 +237,15 @@ def plan_request(request: RenderRequest, width: int, height: int) -> Plan:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A request ready to generate: its plan, its conditioning (on the CPU) and the
-    fingerprint of everything that decides its output (request fields + image bytes)."""
+    """A request ready to generate: its plan, its conditioning (on the CPU), its LoRAs'
+    files and the fingerprint of everything that decides its output (request fields, image
+    bytes, LoRA bytes and weights)."""
 
     request: RenderRequest
     plan: Plan
     cond: Conditioning
     fingerprint: str
+    loras: tuple[LoraFile, ...] = ()
     provenance: Provenance | None = None  # image hashes and the model loaded: what the video records
 
 
@@ -251,13 +255,22 @@ def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
     return start, end
 
 
-def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None]) -> str:
-    # Where the images came from does not change the video; their bytes do.
-    return fingerprint(request.model_dump_json(exclude={"image", "end_image"}), *images)
+def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None], loras: tuple[LoraFile, ...] = ()) -> str:
+    """Where the images and LoRAs came from does not change the video; their bytes (and the
+    LoRAs' weights) do. A request without LoRAs keeps the fingerprint it had before LoRAs."""
+    if len(loras) != len(request.loras):
+        raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
+    text = request.model_dump_json(exclude={"image", "end_image", "loras"})
+    if loras:
+        text += json.dumps([[f.digest, f.weight] for f in loras])
+    return fingerprint(text, *images)
 
 
-def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
-    """Plan and encode `request`; `images` are its image bytes when the caller read them already."""
+def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None,
+                   loras: tuple[LoraFile, ...] | None = None) -> Encoded:
+    """Plan and encode `request`; `images` are its image bytes when the caller read them
+    already, `loras` its LoRAs' files (None: found as paths or hub ids)."""
+    loras = LoraRegistry().resolve(request.loras) if loras is None else loras
     start_bytes, end_bytes = images or read_request_images(request)
     start = decode_image(start_bytes, "image", request.image_path)
     end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None
@@ -270,4 +283,4 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     spec = c.spec
     provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
                             model_identity(spec.model, spec.base, spec.image_encoder))
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes)), provenance)
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes), loras), loras, provenance)

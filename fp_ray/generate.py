@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .encode import Conditioning
+from .lora import LoraFile, lora_scope
 from .packing import HISTORY_FRAMES, HISTORY_SIZES
 from .sampling import NoiseStream, PackedContext, denoise
 from .schedule import Plan, Section
@@ -66,12 +67,14 @@ def section_steps(
     cache_threshold: float | None = None,
     cfg: float = 1.0,
     cfg_rescale: float = 0.0,
+    loras: Sequence[LoraFile] = (),
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(step, steps, latents) after each step; the last latents are the section's clean
     (1, 16, window, h, w) float32 latents, on the CPU. `noise`: the section's draw from the
     request's stream (`NoiseStream.draw(section.order)`). Pure in its inputs. The prompt reaches
     the transformer without its padding; `cache_threshold` turns on the step cache (fast mode);
-    `cfg` above 1 guides against `cond.negative` (two passes per step)."""
+    `cfg` above 1 guides against `cond.negative` (two passes per step).
+    `loras` are active, with their weights, for this section only."""
     missing = [p for p in section.depends_on if p not in done]
     if missing:
         raise ValueError(f"section {section.position} needs sections {missing} first")
@@ -90,7 +93,7 @@ def section_steps(
         cfg_rescale=cfg_rescale,
         negative=None if cond.negative is None else trim_text(cond.negative),
     )
-    with step_cache(components.transformer, cache_threshold):
+    with step_cache(components.transformer, cache_threshold), lora_scope(components.transformer, loras):
         for step, total, latents in run:
             yield step, total, latents.cpu() if step == total else latents
 

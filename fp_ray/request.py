@@ -15,6 +15,7 @@ from .schedule import SCHEDULES
 MAX_SECONDS = 600.0
 MIN_SIDE, MAX_SIDE = 32, 2048
 PIXEL_FRAMES_PER_LATENT = 4
+MAX_LORAS = 4
 
 
 class RequestError(ValueError):
@@ -66,6 +67,31 @@ def bucket_size(image_width: int, image_height: int, resolution: int) -> tuple[i
     return nearest_bucket(image_width, image_height, resolution)
 
 
+_LORA_WEIGHT = re.compile(r"^(.*):\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*$", re.S)
+
+
+def parse_loras(text: str) -> list[dict]:
+    """'style.safetensors:0.8, owner/repo' -> [{name, weight: 0.8}, {name, weight: 1.0}]: a
+    LoRA's path, hub id or registered name, then optionally ':' and its weight."""
+    items = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        m = _LORA_WEIGHT.match(part)
+        items.append({"name": m.group(1).strip(), "weight": float(m.group(2))} if m else {"name": part})
+    return items
+
+
+class LoraChoice(BaseModel):
+    """One LoRA of a request: where it is (a path or hub id; on a server, a registered name)
+    and its weight (the scale of its low-rank update; 1 as trained, 0 none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=500)
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
 class RenderRequest(BaseModel):
     """An image-to-video render. Defaults follow the official FramePack demo."""
 
@@ -95,6 +121,25 @@ class RenderRequest(BaseModel):
     cfg: float = Field(default=1.0, ge=1.0, le=32.0, allow_inf_nan=False)
     negative_prompt: str = Field(default="", max_length=4000)
     cfg_rescale: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    # LoRAs applied to the transformer, in this order; "name:weight, ..." text is parsed.
+    loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_text(cls, v):
+        if isinstance(v, str):
+            return parse_loras(v)
+        if isinstance(v, (list, tuple)):
+            return [item for x in v for item in (parse_loras(x) if isinstance(x, str) else [x])]
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, v: tuple[LoraChoice, ...]) -> tuple[LoraChoice, ...]:
+        names = [c.name for c in v]
+        if len(set(names)) < len(names):
+            raise ValueError(f"each LoRA once, with one weight; {excerpt(names)} repeats one")
+        return v
 
     @field_validator("width", "height")
     @classmethod
@@ -175,4 +220,4 @@ def _error_line(err: dict) -> str:
     return f"{where}: {msg}{shown}"
 
 
-__all__ = ["RenderRequest", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]
+__all__ = ["LoraChoice", "RenderRequest", "parse_loras", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]

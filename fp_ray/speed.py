@@ -78,7 +78,7 @@ def apply_speed(transformer, options: SpeedOptions, device: torch.device | None 
     compiled graphs see the quantized weights. `device`: where it computes (the policy's; in
     the swap and offload memory modes its weights sit in host RAM between uses)."""
     device = device or next(transformer.parameters()).device
-    applied = getattr(transformer, "_fp_ray_speed", SpeedOptions())
+    applied = applied_speed(transformer)
     if applied == options:
         return
     if applied != SpeedOptions():
@@ -90,6 +90,11 @@ def apply_speed(transformer, options: SpeedOptions, device: torch.device | None 
     if options.compile:
         compile_blocks(transformer)
     transformer._fp_ray_speed = options
+
+
+def applied_speed(transformer) -> SpeedOptions:
+    """The options `apply_speed` applied to this transformer (none: the defaults)."""
+    return getattr(transformer, "_fp_ray_speed", SpeedOptions())
 
 
 CPU_ATTENTION_BACKENDS = ("native", "_native_math", "flex")

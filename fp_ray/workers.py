@@ -24,6 +24,7 @@ from .decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_
 from .encode import Conditioning, Encoded, encode_request
 from .generate import noise_stream, section_steps
 from .devices import memory_figures
+from .lora import LoraFile, LoraRegistry
 from .models import Components, ModelSpec
 from .request import RenderRequest
 from .schedule import Plan
@@ -71,6 +72,7 @@ class RenderContext:
     cond: Conditioning
     noise_states: tuple[torch.Tensor, ...]  # generator state before each section's draw, by order
     store: str  # SectionStore root: section latents, segments, seam pixels
+    loras: tuple[LoraFile, ...] = ()  # the request's LoRAs, resolved by the encoder
     metadata: str = ""  # the render record (JSON) the mp4 and its sidecar carry (metadata.py)
 
     @property
@@ -141,10 +143,13 @@ class SegmentJob:
 
 
 class EncoderWorker:
-    """Text encoders, SigLIP and the VAE encoder: request -> Encoded."""
+    """Text encoders, SigLIP and the VAE encoder: request -> Encoded. `loras`: where the
+    request's LoRAs are found (default: paths and hub ids; Serve: its registry)."""
 
-    def __init__(self, spec: ModelSpec | None = None, components: Components | None = None):
+    def __init__(self, spec: ModelSpec | None = None, components: Components | None = None,
+                 loras: LoraRegistry | None = None):
         self.components = components or spec.load(("vae", "encoders"))
+        self.loras = loras or LoraRegistry()
         # Outside the resident mode an encode brings the encoders in and sends them back after:
         # two encodes at once (a Serve replica takes several) would move the weights from
         # under each other, so they take turns there.
@@ -153,9 +158,10 @@ class EncoderWorker:
 
     def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         self.components.spec.check(request.schedule)
+        loras = self.loras.resolve(request.loras)
         with self._turns:
             try:
-                return encode_request(self.components, request, images)
+                return encode_request(self.components, request, images, loras)
             finally:
                 self.components.release_encoders()
 
@@ -189,7 +195,7 @@ class GeneratorWorker:
         steps = section_steps(
             self.components, ctx.plan, section, ctx.cond, job.context, noise,
             sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
-            cfg=r.cfg, cfg_rescale=r.cfg_rescale,
+            cfg=r.cfg, cfg_rescale=r.cfg_rescale, loras=ctx.loras,
         )
         try:
             for step, total, latents in steps:

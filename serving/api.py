@@ -184,9 +184,12 @@ def form_fields(record: dict) -> dict:
     as a request, so a hand-edited record cannot hand the page values it would refuse."""
     fields = {k: v for k, v in record["request"].items() if k in FIELDS and v is not None}
     try:
-        make_request(**fields, image="upload")
+        request = make_request(**fields, image="upload")
     except (ValueError, TypeError) as e:  # RequestError is a ValueError
         raise HTTPException(422, f"the render record holds a bad request: {e}") from None
+    fields.pop("loras", None)
+    if request.loras:  # as the form's text field takes them
+        fields["loras"] = ", ".join(f"{c.name}:{c.weight:g}" for c in request.loras)
     width, height = record["request"].get("width"), record["request"].get("height")
     if width is not None and height is not None:
         fields["size"] = f"{width}x{height}"
@@ -248,19 +251,28 @@ def make_api() -> FastAPI:
     async def submit(request: Request):
         """Multipart: `image` (file), optional `end_image` (file), and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
-        fps, crf, cache_threshold, cfg, negative_prompt, cfg_rescale). JSON: the same fields
-        with `image_url` (http/https)."""
+        fps, crf, cache_threshold, cfg, negative_prompt, cfg_rescale, loras: "name:weight, ..." of the
+        names GET /v1/loras lists). JSON: the same fields with `image_url` (http/https); loras also as
+        [{name, weight}]."""
         client = authorize(request)
         svc = service(request)
         fields, image, end_image = await read_body(request)
         render_request = to_request(fields, end_image)
         try:
             rid = await svc.submit(render_request, image, end_image, client)
+        except RequestError as e:  # a LoRA the server does not offer
+            raise HTTPException(422, str(e)) from None
         except Busy as e:
             svc.metrics.rejected.labels("renders").inc()
             raise busy(e) from None
         body = public(await record_or_404(request, rid), base(request))
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+    @api.get("/v1/loras")
+    async def loras(request: Request):
+        """The LoRA names a request may give (the server's registry)."""
+        authorize(request)
+        return {"loras": service(request).loras.names}
 
     @api.post("/v1/settings")
     async def settings(request: Request):

@@ -23,8 +23,10 @@ from fp_ray import TINY_CHECKPOINT
 from fp_ray.actors import LOST
 from fp_ray.coordinator import WorkerLost
 from fp_ray.encode import Encoded
+from fp_ray.lora import LoraError, LoraRegistry
 from fp_ray.models import ModelSpec
 from fp_ray.request import RenderRequest
+from fp_ray.speed import SpeedOptions
 from fp_ray.storage import SectionStore
 from fp_ray.workers import (Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob,
                             Shared, iterate_in_thread)
@@ -38,8 +40,8 @@ log = logging.getLogger(__name__)
 # GPUs and CPUs for a cluster.
 @serve.deployment(max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.25})
 class Encoder:
-    def __init__(self, spec: ModelSpec):
-        self.worker = EncoderWorker(spec)
+    def __init__(self, spec: ModelSpec, loras: LoraRegistry | None = None):
+        self.worker = EncoderWorker(spec, loras=loras or LoraRegistry({}))  # a server reads only its registered LoRAs
 
     async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
         return await asyncio.to_thread(self.worker.encode, request, images)
@@ -125,11 +127,12 @@ api = make_api()
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, generator: DeploymentHandle, decoder: DeploymentHandle,
                  model: str, storage: str, database: str | None = None, auth_token: str | None = None,
-                 config: ServiceConfig = ServiceConfig(), tokens: dict[str, str] | None = None):
+                 config: ServiceConfig = ServiceConfig(), tokens: dict[str, str] | None = None,
+                 loras: LoraRegistry | None = None):
         token = auth_token or os.environ.get("FP_RAY_API_TOKEN") or None
         tokens = tokens or parse_tokens(os.environ.get("FP_RAY_API_TOKENS", ""))
         pools = ServePools(encoder, generator, decoder)
-        self.service = RenderService(pools, model, storage, database, token, config, tokens)
+        self.service = RenderService(pools, model, storage, database, token, config, tokens, loras)
         bind_service(self.service)
         # Serve builds replicas inside their event loop: take over left-over renders right away
         # rather than at the first request.
@@ -170,12 +173,18 @@ def build_app(args: dict) -> serve.Application:
     url_allow, retention_days, ...); how the replicas load (models.ModelSpec): base,
     image_encoder (default: env FP_RAY_BASE_MODEL / FP_RAY_IMAGE_ENCODER, else the hub), device,
     dtype, memory (auto | resident | swap | offload), force_schedule; speed (the generators'
-    `SpeedOptions`: {compile, attention, fp8}); num_gpus ({"Generator": 1, ...}) for `fp-ray
+    `SpeedOptions`: {compile, attention, fp8}); loras ({name: location}: the LoRAs requests may
+    name, each a .safetensors file, a folder holding one or a hub id; or "name=location,...");
+    num_gpus ({"Generator": 1, ...}) for `fp-ray
     serve` on its own machine (a cluster's YAML declares them per deployment)."""
     model = args.get("model", str(TINY_CHECKPOINT))
     spec = ModelSpec(model, args.get("base"), args.get("image_encoder"), args.get("device"), args.get("dtype"),
                      args.get("memory") or "auto", bool(args.get("force_schedule", False)))
     storage = os.path.abspath(args.get("storage", "fp-ray-data"))
+    loras = LoraRegistry.from_config(args.get("loras"))
+    if loras.names and SpeedOptions.from_config(args.get("speed")).fp8:
+        raise LoraError("loras: the generators run fp8 (speed: {fp8: true}), whose quantized layers PEFT cannot wrap; "
+                        "configure one or the other")
     gpus = args.get("num_gpus") or {}
 
     def placed(deployment):  # a YAML's ray_actor_options still win over these
@@ -184,7 +193,7 @@ def build_app(args: dict) -> serve.Application:
         return deployment.options(ray_actor_options={**deployment.ray_actor_options, "num_gpus": gpus[deployment.name]})
 
     return Ingress.bind(
-        placed(Encoder).bind(spec),
+        placed(Encoder).bind(spec, loras),
         placed(Generator).bind(spec, args.get("speed")),
         placed(Decoder).bind(spec),
         model,
@@ -193,4 +202,5 @@ def build_app(args: dict) -> serve.Application:
         args.get("auth_token"),
         service_config(args),
         args.get("tokens"),
+        loras,
     )

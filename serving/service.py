@@ -23,6 +23,7 @@ from typing import AsyncIterator, Callable
 
 from fp_ray.coordinator import Pools, RenderFailed, WorkerLost, run_render
 from fp_ray.encode import ImageError
+from fp_ray.lora import LoraRegistry
 from fp_ray.records import TERMINAL, UNFINISHED, RenderRecords
 from fp_ray.request import RenderRequest, RequestError
 from fp_ray.storage import SectionStore, join, read_bytes, write_bytes
@@ -105,8 +106,9 @@ class Render:
 class RenderService:
     def __init__(self, pools: Pools, model: str, storage: str, database: str | None = None,
                  auth_token: str | None = None, config: ServiceConfig = ServiceConfig(),
-                 tokens: dict[str, str] | None = None):
+                 tokens: dict[str, str] | None = None, loras: LoraRegistry | None = None):
         self.pools, self.model, self.config = pools, model, config
+        self.loras = loras or LoraRegistry({})  # the LoRAs a request may name: none unless configured
         self.storage = Path(storage)
         self.records = RenderRecords(database or self.storage / "renders.db")
         self.store = SectionStore(self.storage / "sections")
@@ -194,7 +196,9 @@ class RenderService:
                 await self._start(rid, RenderRequest(**record["request"]), owner)
 
     async def submit(self, request: RenderRequest, image: bytes, end_image: bytes | None, client: str | None = None) -> str:
-        """Admit, store the inputs, record the render and start it; returns its id at once."""
+        """Admit, store the inputs, record the render and start it; returns its id at once.
+        LoraError: a LoRA this service does not offer."""
+        self.loras.check(request.loras)
         cap = self.config
         if await self.db(self.records.count_unfinished) >= cap.max_queued:
             raise Busy(f"{cap.max_queued} renders are queued or running; retry later", cap.retry_after_s)

@@ -156,6 +156,22 @@ def test_out_of_memory_section_is_retried_once_on_another_generator(pools, compo
         ray.get(first.__ray_call__.remote(_set_oom, False))
 
 
+def test_lora_renders_on_actors_match_local_and_leave_no_trace(pools, components, tmp_path):
+    """The adapters load inside the generator actors (from the file the encoder hashed); a
+    plain request after a LoRA one on the same actors is the plain local video again."""
+    from test_lora import ATTENTION, make_lora, own
+
+    lora = make_lora(tmp_path / "style", 1, ATTENTION)
+    styled = make_request(**REQUEST, schedule="bidirectional", seconds=6.0, loras=f"{lora}:0.8")
+    local = render(styled, tmp_path / "local.mp4", components=own(components), keep_latents=True)
+    distributed, _ = ray_render(styled, pools, out=tmp_path / "ray.mp4", keep_latents=True)
+    assert torch.equal(local.latents, distributed.latents) and local.fingerprint == distributed.fingerprint
+    plain = make_request(**REQUEST, schedule="bidirectional", seconds=6.0)
+    base, _ = ray_render(plain, pools, out=tmp_path / "plain.mp4", keep_latents=True)
+    assert torch.equal(base.latents, render(plain, tmp_path / "p.mp4", components=components, keep_latents=True).latents)
+    assert not torch.equal(base.latents, distributed.latents)
+
+
 def test_a_worker_that_cannot_load_its_model_fails_in_one_line(ray_cluster):
     """A generator whose speed option cannot run where it landed (FP8 on a CPU) ends the wait
     with its own error, not a Ray traceback."""

@@ -190,3 +190,23 @@ def test_cli_batch_exit_code_says_rows_failed(ray_cluster, tmp_path, monkeypatch
 def test_bad_manifests_are_rejected_before_any_work(tmp_path, rows, message):
     with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         read_manifest(write_jsonl(tmp_path / "m.jsonl", rows))
+
+
+def test_lora_column_paths_relative_to_the_manifest_and_missing_ones_as_row_errors(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "loras").mkdir()
+    save_file({"transformer.proj_out.lora_A.weight": torch.ones(4, 8)}, tmp_path / "loras" / "style.safetensors")
+    rows = [{"id": "plain", **ROW}, {"id": "styled", **ROW, "loras": [{"name": "loras/style.safetensors", "weight": 0.8}]},
+            {"id": "text", **ROW, "loras": "loras/style.safetensors:0.5"}, {"id": "gone", **ROW, "loras": "loras/gone.safetensors"}]
+    checked = {r["id"]: r for r in check_manifest(write_jsonl(tmp_path / "m.jsonl", rows), str(tmp_path / "out"), str(TINY_CHECKPOINT))}
+    assert checked["gone"]["payload"] is None and "no such file or folder" in checked["gone"]["record"]["error"]
+    styled = pickle.loads(checked["styled"]["payload"])
+    assert [(c.name, c.weight) for c in styled.loras] == [(str(tmp_path / "loras" / "style.safetensors"), 0.8)]
+    fingerprints = {checked[k]["record"]["fingerprint"] for k in ("plain", "styled", "text")}
+    assert len(fingerprints) == 3

@@ -263,6 +263,30 @@ def test_a_lost_generator_replica_is_reported_as_lost_for_the_coordinator_to_ret
         asyncio.run(run())
 
 
+def test_requests_name_only_registered_loras(components, tmp_path):
+    from fp_ray.lora import LoraRegistry
+    from fp_ray.workers import DecoderWorker, EncoderWorker, GeneratorWorker
+    from test_lora import ATTENTION, make_lora, own
+
+    registry = LoraRegistry.from_config({"style": str(make_lora(tmp_path / "style", 1, ATTENTION))})
+    c = own(components)  # adapters go into a transformer of this test's own
+    pools = LocalPools(EncoderWorker(components=c, loras=registry), GeneratorWorker(components=c), DecoderWorker(components=c))
+    bind_service(RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path / "data"), loras=registry))
+    with TestClient(make_api()) as client:
+        assert client.get("/v1/loras").json() == {"loras": ["style"]}
+        for loras, reason in [(str(SAMPLE_IMAGE), "unknown LoRA"), ("nope:0.5", "this server offers: style"),
+                              ("style:9", "less than or equal to 4")]:
+            r = client.post("/v1/renders", data={**SMALL, "loras": loras}, files=files())
+            assert r.status_code == 422 and reason in r.json()["detail"], r.text
+        styled = client.post("/v1/renders", data={**SMALL, "loras": "style:0.8"}, files=files()).json()["id"]
+        plain = client.post("/v1/renders", data=SMALL, files=files()).json()["id"]
+        for rid in (styled, plain):
+            assert wait_status(client, rid, {"finished", "failed"})["status"] == "finished"
+        assert client.get(f"/v1/renders/{styled}").json()["request"]["loras"] == [{"name": "style", "weight": 0.8}]
+        videos = [client.get(f"/v1/renders/{rid}/video.mp4").content for rid in (styled, plain)]
+        assert videos[0] != videos[1]
+
+
 def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools, tmp_path):
     with api_client(pools, tmp_path, max_upload_mb=1) as client:
         r = client.post("/v1/renders", data={**SMALL, "seed": "9", "guidance": "8"}, files=files())

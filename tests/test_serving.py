@@ -174,6 +174,7 @@ def test_cancel_stops_the_work(app):
     ({**SMALL, "cfg": "0.5"}, "png", 422, "cfg: Input should be greater than or equal to 1"),
     ({**SMALL, "cfg": "2", "cfg_rescale": "3"}, "png", 422, "cfg_rescale: Input should be less than or equal to 1"),
     ({**SMALL, "negative_prompt": "blurry"}, "png", 422, "negative_prompt: needs cfg above 1"),
+    ({**SMALL, "loras": "/etc/passwd:0.5"}, "png", 422, "unknown LoRA '/etc/passwd'; this server offers: none"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
