@@ -108,10 +108,17 @@ def set_attention_backend(transformer, backend: str, device: torch.device) -> No
         raise SpeedOptionError(f"unknown attention backend {backend!r}; expected one of {', '.join(names)}")
     if device.type == "cpu" and backend not in CPU_ATTENTION_BACKENDS:
         raise SpeedOptionError(f"attention backend {backend!r} needs a GPU; on the CPU: {', '.join(CPU_ATTENTION_BACKENDS)}")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # diffusers also makes the backend the process-wide default, which every other model here
+    # whose attention has no backend of its own would then run: keep this one's to itself.
+    default = _AttentionBackendRegistry._active_backend
     try:
         transformer.set_attention_backend(backend)
     except (RuntimeError, ImportError) as e:  # the backend's package or device is missing
         raise SpeedOptionError(f"attention backend {backend!r}: {e}") from e
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
 
 
 def compile_blocks(transformer) -> None:

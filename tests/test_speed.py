@@ -161,3 +161,11 @@ def test_ray_render_checks_speed_options_before_ray_starts(tmp_path, capsys, mon
     assert main(["render", "--ray", "--out", str(out), "--size", "64x48", "--seconds", "1.2", "--attention", "warp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown attention backend 'warp'" in err[0]
+
+
+def test_an_attention_backend_stays_with_its_model(components, encoded):
+    """diffusers makes a backend set on one model the process-wide default; fp-ray keeps it to
+    that model, so the other models of the process (the shared generator here) are unchanged."""
+    exact = section_latents(components, encoded)
+    apply_speed(fresh(components).transformer, SpeedOptions(attention="_native_math"))
+    assert torch.equal(section_latents(components, encoded), exact)
