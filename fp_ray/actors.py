@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Mapping
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
 
 from .coordinator import WorkerLost
 from .encode import Encoded
@@ -23,6 +24,7 @@ from .models import ModelSpec
 from .placement import check_placement
 from .request import RenderRequest
 from .speed import SpeedOptions
+from .storage import SectionStore
 from .workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SectionOutOfMemory, SegmentJob,
                       Shared, WorkerStartError)
 
@@ -95,11 +97,43 @@ class EncoderActor(EncoderWorker):
         return "encoder"
 
 
+def by_value(ctx: RenderContext, latents: Mapping[int, object]) -> dict[int, torch.Tensor]:
+    """A job's latents with the references resolved. Each section's latents travel from the
+    generator that made them to the workers that read them as a Ray object the coordinator
+    only holds the reference to (it never fetches them). An object lost with its node is read
+    back from the render's store, where every section is saved before it counts as done."""
+    refs = {p: v for p, v in latents.items() if isinstance(v, ray.ObjectRef)}
+    if not refs:
+        return dict(latents)
+    out = dict(latents)
+    for p, ref in refs.items():
+        try:
+            out[p] = ray.get(ref)
+        except ObjectLostError as e:  # freed, its node gone, or its owner (OwnerDiedError)
+            saved = SectionStore(ctx.store).load(ctx.request_id, ctx.fingerprint, p)
+            if saved is None:
+                raise FileNotFoundError(f"section {p} of render {ctx.request_id}: lost ({type(e).__name__}) and not in {ctx.store}") from e
+            out[p] = saved
+    return out
+
+
 @ray.remote(concurrency_groups={"control": 1})
 class GeneratorActor(GeneratorWorker):
     @ray.method(concurrency_group="control")
     def ready(self) -> str:
         return self.name
+
+    def generate(self, job: SectionJob):
+        """The worker's events; the finished latents follow their event as an object of their
+        own, so that the coordinator can pass them on without fetching them."""
+        job = replace(job, context=by_value(self.contexts.get(job.shared), job.context))
+        for event in super().generate(job):
+            if event["type"] == "latents":
+                latents = event.pop("latents")
+                yield event
+                yield latents
+            else:
+                yield event
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:
@@ -110,6 +144,11 @@ class GeneratorActor(GeneratorWorker):
 class DecoderActor(DecoderWorker):
     def ready(self) -> str:
         return self.name
+
+    def segment(self, job: SegmentJob) -> list[int]:
+        if job.latents is not None:
+            job = replace(job, latents=by_value(self.contexts.get(job.shared), job.latents))
+        return super().segment(job)
 
 
 class ActorQueue:
@@ -212,8 +251,12 @@ class RayPools:
             try:
                 async with self._queues["generators"].use(avoid=tried) as actor:
                     tried.append(actor)
-                    async for ref in actor.generate.remote(job):
-                        yield await ref
+                    stream = actor.generate.remote(job)
+                    async for ref in stream:
+                        event = await ref
+                        if event["type"] == "latents":  # the next object is the tensor: passed on by reference
+                            event["latents"] = await stream.__anext__()
+                        yield event
                 return
             except LOST as e:
                 raise WorkerLost(f"generator actor lost during section {job.position}: {type(e).__name__}") from e

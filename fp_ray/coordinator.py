@@ -122,6 +122,9 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         self._finished.add(position)
         self._memory[position] = latents
 
+    def from_store(self) -> dict[int, torch.Tensor]:
+        return {p: self.store.load(*self.ids, p) for p in sorted(self._finished)}
+
     def release(self, position: int) -> None:
         self._memory.pop(position, None)
 
@@ -280,7 +283,9 @@ async def run_render(
         t_decoded = time.perf_counter()
         emit({"type": "writing", "segments": ctx.plan.num_sections})
         path = await asyncio.to_thread(segments.write, out)
-        latents = full_latents(ctx.plan, ctx.cond, done) if keep_latents else None
+        # from the store, where every section is saved: in memory a section may be a reference
+        # to a Ray object (actors pass latents to each other by reference)
+        latents = full_latents(ctx.plan, ctx.cond, done.from_store()) if keep_latents else None
     t_end = time.perf_counter()
     # phases that add up to the wall time; decode also ran during generation (decode_overlap)
     timings = {"encode": t_encoded - t0, "generate": t_generated - t_encoded, "decode": t_decoded - t_generated,

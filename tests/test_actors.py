@@ -49,10 +49,19 @@ def test_actors_hold_their_gpus(pools):
 
 
 @pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
-def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds):
+def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds, monkeypatch):
+    """...with each section's latents passed from its generator to the generators and decoders
+    that read them by reference: the coordinator holds Ray object references, never a tensor."""
+    from fp_ray.coordinator import SectionLatents
+
+    held = []
+    add = SectionLatents.add
+    monkeypatch.setattr(SectionLatents, "add", lambda self, p, latents: held.append(type(latents)) or add(self, p, latents))
     request = make_request(**REQUEST, schedule=schedule, seconds=seconds)
-    local = render(request, tmp_path / "local.mp4", components=components, keep_latents=True)
     distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4", keep_latents=True)
+    assert len(held) == distributed.plan.num_sections and set(held) == {ray.ObjectRef}
+    monkeypatch.undo()
+    local = render(request, tmp_path / "local.mp4", components=components, keep_latents=True)
     assert (local.latents - distributed.latents).abs().max().item() == 0.0
     assert sha(local.path) == sha(distributed.path)
 
@@ -182,3 +191,38 @@ def test_a_worker_that_cannot_load_its_model_fails_in_one_line(ray_cluster):
         assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
     finally:
         bad.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class Owner:
+    """Puts objects it owns: they are lost with it, as a dead node's are."""
+
+    def put(self, value):
+        return [ray.put(value)]  # nested in a list: the object stays this actor's
+
+
+def lost_ref():
+    owner = Owner.remote()
+    [ref] = ray.get(owner.put.remote(torch.zeros(1)))
+    ray.kill(owner)
+    with pytest.raises(ray.exceptions.RayActorError):  # returns once the owner is gone for sure
+        for _ in range(100):
+            ray.get(owner.put.remote(None), timeout=30)
+    return ref
+
+
+def test_a_lost_latents_object_is_read_back_from_the_store(ray_cluster, components, tmp_path):
+    """Latents pass by reference; one whose object is gone (its owner or node died) comes from
+    the render's store, where the generator saved it before reporting it; one that is in
+    neither is a clear error."""
+    from fp_ray.actors import by_value
+    from fp_ray.coordinator import render_context
+    from fp_ray.encode import encode_request
+
+    ctx = render_context(encode_request(components, make_request(**REQUEST, seconds=2.4)), "lost", SectionStore(tmp_path))
+    saved, other = torch.randn(1, 16, 9, 6, 8), torch.randn(1, 16, 9, 6, 8)
+    SectionStore(tmp_path).save(ctx.request_id, ctx.fingerprint, 0, saved)
+    out = by_value(ctx, {0: lost_ref(), 1: ray.put(other)})
+    assert torch.equal(out[0], saved) and torch.equal(out[1], other)
+    with pytest.raises(FileNotFoundError, match="section 2 of render lost"):
+        by_value(ctx, {2: lost_ref()})
