@@ -102,11 +102,10 @@ def by_value(ctx: RenderContext, latents: Mapping[int, object]) -> dict[int, tor
     generator that made them to the workers that read them as a Ray object the coordinator
     only holds the reference to (it never fetches them). An object lost with its node is read
     back from the render's store, where every section is saved before it counts as done."""
-    refs = {p: v for p, v in latents.items() if isinstance(v, ray.ObjectRef)}
-    if not refs:
-        return dict(latents)
     out = dict(latents)
-    for p, ref in refs.items():
+    for p, ref in latents.items():
+        if not isinstance(ref, ray.ObjectRef):
+            continue
         try:
             out[p] = ray.get(ref)
         except ObjectLostError as e:  # freed, its node gone, or its owner (OwnerDiedError)

@@ -5,7 +5,8 @@ segments are joined in time order into the mp4 without re-encoding.
 
 The pools are in-process workers (`render.LocalPools`), Ray actors (`actors.RayPools`) or
 Serve deployments; the coordinator only sees the `Pools` protocol, so every render takes
-this one path. It holds latents (O(sections), small), never pixels.
+this one path. It holds a few sections' latents at a time (over Ray actors, references to
+them), never pixels.
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ def render_context(encoded: Encoded, request_id: str, store: SectionStore,
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):
-    """The finished sections' latents. A section no pending work reads is dropped from memory
-    (it is in the store, and read back if asked for again), so the coordinator holds a few
-    sections at a time, not the whole video."""
+    """The finished sections' latents: tensors, or Ray object references to them when the
+    pools pass latents by reference (`actors.RayPools`). A section no pending work reads is
+    dropped from memory (it is in the store, and read back if asked for again), so the
+    coordinator holds a few sections at a time, not the whole video."""
 
     def __init__(self, ctx: RenderContext):
         self.store, self.ids = SectionStore(ctx.store), (ctx.request_id, ctx.fingerprint)

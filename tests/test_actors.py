@@ -203,7 +203,8 @@ class Owner:
 
 def lost_ref():
     owner = Owner.remote()
-    [ref] = ray.get(owner.put.remote(torch.zeros(1)))
+    # 4 MB: kept in the object store (small objects travel inlined with the reference)
+    [ref] = ray.get(owner.put.remote(torch.zeros(1_000_000)))
     ray.kill(owner)
     with pytest.raises(ray.exceptions.RayActorError):  # returns once the owner is gone for sure
         for _ in range(100):
