@@ -202,7 +202,13 @@ class Owner:
 
 
 def lost_ref():
-    owner = Owner.remote()
+    # On another node than this driver's: an object in the driver's own node's store can still
+    # be read there until that node frees it, which races with the owner's death.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    there = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
+    owner = Owner.options(scheduling_strategy=NodeAffinitySchedulingStrategy(there, soft=False)).remote()
     # 4 MB: kept in the object store (small objects travel inlined with the reference)
     [ref] = ray.get(owner.put.remote(torch.zeros(1_000_000)))
     ray.kill(owner)
