@@ -28,7 +28,7 @@ import ray
 
 from .actors import PoolConfig
 from .coordinator import SectionLatents, generate_sections, render_context
-from .encode import decode_image, read_request_images, request_fingerprint
+from .encode import decode_request_images, read_request_images, request_fingerprint
 from .lora import LoraRegistry
 from .models import ModelSpec
 from .placement import check_placement
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
-           "cfg_rescale", "loras"}
+           "cfg_rescale", "loras", "keyframes"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),
@@ -98,7 +98,8 @@ def row_request(row: dict, base: str, model: str) -> RenderRequest:
     # A LoRA path relative to the manifest, as images are; anything else stays a path or hub id.
     here = [c.model_copy(update={"name": _resolve(c.name, base)}) if not is_uri(base) and (Path(base) / c.name).exists()
             else c for c in request.loras]
-    return request.model_copy(update={"loras": tuple(here)})
+    keys = tuple(k.model_copy(update={"image": _resolve(k.image, base)}) for k in request.keyframes)
+    return request.model_copy(update={"loras": tuple(here), "keyframes": keys})
 
 
 def _parse_rows(manifest: str, kind: str, data: bytes) -> list[dict]:
@@ -221,9 +222,7 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
     try:
         request = row_request(row, base, model)
         images = read_request_images(request)
-        decode_image(images[0], "image", request.image_path)
-        if images[1] is not None:
-            decode_image(images[1], "end_image", request.end_image)
+        decode_request_images(request, images)
         fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras))
         earlier = previous_record(out, rid, fp)
     except Exception as e:

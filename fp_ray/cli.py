@@ -15,10 +15,10 @@ from pathlib import Path
 
 from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
-from .encode import ImageError, load_image
+from .encode import ImageError, decode_request_images, load_image, read_request_images
 from .devices import MEMORY_MODES, MemoryModeError
 from .lora import LoraRegistry
-from .metadata import MetadataError, model_identity, read_metadata, recorded_image
+from .metadata import MetadataError, model_identity, read_metadata, recorded_image, recorded_keyframes
 from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
@@ -64,6 +64,9 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, help=f"x264 quality, lower is better (default {d['crf']})")
     p.add_argument("--model", help="checkpoint folder or hub id (default: the tiny checkpoint)")
     p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+    p.add_argument("--keyframe", action="append", metavar="TIME:IMAGE",
+                   help="an image the video passes through, e.g. 4s:pose.png (repeatable; bidirectional schedule); "
+                        "the time snaps to the nearest section boundary (`fp-ray plan` shows where)")
     p.add_argument("--lora", action="append", metavar="PATH_OR_ID[:WEIGHT]",
                    help="a LoRA: .safetensors file, folder or hub id, with its weight (default 1), e.g. style.safetensors:0.8 (repeatable)")
 
@@ -95,6 +98,7 @@ def recorded_fields(args: argparse.Namespace) -> dict:
     fields = {k: v for k, v in record["request"].items() if k in known}
     fields["image"] = recorded_image(record, "image", args.image, "--image")
     fields["end_image"] = recorded_image(record, "end_image", args.end_image, "--end-image")
+    fields["keyframes"] = recorded_keyframes(record, args.keyframe)
     if record.get("fp_ray_version") != __version__:
         note(f"{args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is {__version__}: the video may differ")
     if args.model is None and isinstance(record.get("model"), dict):
@@ -120,11 +124,14 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         fields["cache_threshold"] = FAST_CACHE_THRESHOLD if args.cache_threshold is None else args.cache_threshold
     if args.lora:
         fields["loras"] = args.lora
+    if args.keyframe:
+        fields["keyframes"] = args.keyframe
     request = make_request(**fields)
     # Everything that can be checked before loading a model is checked here.
-    load_image(request.image_path, "image")
-    if request.end_image:
-        load_image(request.end_image, "end_image")
+    decode_request_images(request, read_request_images(request))
+    for k, b in zip(request.keyframes, request.keyframe_boundaries):
+        if abs(k.at - b * request.seconds_per_section) > 1e-6:
+            note(f"keyframe {k.at:g}s snaps to section boundary {b}, at {b * request.seconds_per_section:g}s")
     if request.loras and speed_from_args(args).fp8:
         raise CliError("--lora: PEFT cannot wrap the FP8-quantized layers of --fp8 / --fast; drop them "
                        "(--compile and --cache-threshold work with LoRAs)")
@@ -144,10 +151,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"{plan.pixel_frames} frames ({plan.pixel_frames / request.fps:.2f} s at {request.fps} fps)")
     print(f"context tokens per section: window {tokens.window} + clean {tokens.clean} + 2x {tokens.history_2x} "
           f"+ 4x {tokens.history_4x} = {tokens.total}")
+    key = lambda i: f"key{i}"
+    for i, (k, b) in enumerate(zip(request.keyframes, request.keyframe_boundaries)):
+        print(f"{key(i)}: {k.at:g}s -> section boundary {b} ({b * request.seconds_per_section:g}s), {k.image}")
     print(f"{'order':>5} {'pos':>4} {'wave':>4} {'padding':>7} {'gap':>4}  {'prefix':<8} {'history':<14} {'depends on':<12} {'decode':<10} prompt")
     for s in plan.sections:
-        prefix = "start" if s.prefix is None else f"sec {s.prefix}"
-        history = ("end+" if s.history_starts_with_end else "") + (",".join(map(str, s.history)) or "-")
+        left, right = s.anchors
+        prefix = ("start" if left is None else key(left)) if s.prefix is None else f"sec {s.prefix}"
+        lead = ("end+" if right is None else f"{key(right)}+") if s.history_starts_with_end else ""
+        history = (lead + ",".join(map(str, s.history))).rstrip("+") or "-"
         deps = ",".join(map(str, s.depends_on)) or "-"
         span = f"{s.decode_span[0]}:{s.decode_span[1]}"
         print(f"{s.order:>5} {s.position:>4} {s.wave:>4} {s.layout.padding:>7} {s.layout.gap:>4}  {prefix:<8} {history:<14} {deps:<12} {span:<10} {s.prompt[:60]}")

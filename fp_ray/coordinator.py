@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol
 import torch
 
 from .decode import full_latents
-from .encode import Encoded
+from .encode import Encoded, Images
 from .generate import noise_stream
 from .metadata import dumps, render_metadata
 from .request import RenderRequest
@@ -44,7 +44,7 @@ class RenderFailed(RuntimeError):
 
 
 class Pools(Protocol):
-    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded: ...
+    async def encode(self, request: RenderRequest, images: Images | None = None) -> Encoded: ...
 
     async def share(self, context: RenderContext) -> Shared: ...
 
@@ -89,7 +89,7 @@ class Progress:
 
 
 def render_context(encoded: Encoded, request_id: str, store: SectionStore,
-                   sources: tuple[str | None, str | None] | None = None) -> RenderContext:
+                   sources: tuple[str | None, ...] | None = None) -> RenderContext:
     """The shared part of a render. The noise stream's state at every section's start is
     taken here once (O(sections) draws in all), so any worker gets section k's noise in
     one draw: the reference's single generator, without replaying it. `sources`: where the
@@ -247,8 +247,8 @@ async def run_render(
     preview_dir: str | Path | None = None,
     progressive: str | Path | None = None,
     attempts: int = 3,
-    images: tuple[bytes, bytes | None] | None = None,
-    sources: tuple[str | None, str | None] | None = None,
+    images: Images | None = None,
+    sources: tuple[str | None, ...] | None = None,
     keep_latents: bool = False,
 ) -> RenderResult:
     """Render `request` to the mp4 at `out`: encode, generate the sections

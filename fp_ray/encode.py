@@ -59,14 +59,28 @@ class Conditioning:
     end_latent: torch.Tensor | None
     vae_dtype: torch.dtype = torch.float32  # the image-latent noise draws were taken in it
     negative: TextEmbedding | None = None  # the negative prompt's, when real guidance (cfg > 1) is on
+    # Keyframes, in the request's order: their latents and SigLIP embeddings; with them, the
+    # start and end images' own embeddings (each section averages its two anchors').
+    keyframe_latents: tuple[torch.Tensor, ...] = ()
+    keyframe_embeds: tuple[torch.Tensor, ...] = ()
+    start_embeds: torch.Tensor | None = None
+    end_embeds: torch.Tensor | None = None
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
         text = {k: v.cpu() for k, v in self.text.items()}
-        end = None if self.end_latent is None else self.end_latent.cpu()
+        cpu = lambda t: None if t is None else t.cpu()
         negative = None if self.negative is None else self.negative.cpu()
-        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end,
-                       negative=negative)
+        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(),
+                       end_latent=cpu(self.end_latent), negative=negative,
+                       keyframe_latents=tuple(t.cpu() for t in self.keyframe_latents),
+                       keyframe_embeds=tuple(t.cpu() for t in self.keyframe_embeds),
+                       start_embeds=cpu(self.start_embeds), end_embeds=cpu(self.end_embeds))
+
+    @property
+    def image_draws(self) -> int:
+        """Posterior samples encode() drew from the request's noise stream before any section."""
+        return 1 + (self.end_latent is not None) + len(self.keyframe_latents)
 
 
 # Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
@@ -190,27 +204,35 @@ def encode(
     seed: int,
     end: Image.Image | None = None,
     negative_prompt: str | None = None,
+    keyframes: tuple[Image.Image, ...] = (),
 ) -> Conditioning:
     """Encode a request's prompts and images. Latent samples use the request's noise stream
-    (start image, then end image), so section noise that follows stays reproducible.
+    (start image, end image, keyframes), so section noise that follows stays reproducible.
     `negative_prompt`: encoded once for every section when real guidance is on (None: off)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     start_pixels = image_tensor(start, width, height)
-    image_embeds = encode_siglip(c, start_pixels)
+    start_embeds = image_embeds = encode_siglip(c, start_pixels)
     start_latent = encode_latent(c, start_pixels, generator)
-    end_latent = None
+    end_latent = end_embeds = None
     if end is not None:
         end_pixels = image_tensor(end, width, height)
         # The end image's SigLIP embedding reaches every section, averaged with the start's
         # (FramePack PR 167); the reference pipeline computes this average and drops it.
-        image_embeds = (image_embeds + encode_siglip(c, end_pixels)) / 2
+        end_embeds = encode_siglip(c, end_pixels)
+        image_embeds = (image_embeds + end_embeds) / 2
         end_latent = encode_latent(c, end_pixels, generator)
+    key_pixels = [image_tensor(k, width, height) for k in keyframes]
+    key_latents = tuple(encode_latent(c, px, generator) for px in key_pixels)
+    key_embeds = tuple(encode_siglip(c, px) for px in key_pixels)
     text = {p: encode_prompt(c, p) for p in dict.fromkeys(prompts)}
     negative = None
     if negative_prompt is not None:
         negative = text[negative_prompt] if negative_prompt in text else encode_prompt(c, negative_prompt)
+    anchors = {}
+    if keyframes:
+        anchors = {"keyframe_latents": key_latents, "keyframe_embeds": key_embeds, "start_embeds": start_embeds, "end_embeds": end_embeds}
     return Conditioning(text=text, image_embeds=image_embeds, start_latent=start_latent, end_latent=end_latent, vae_dtype=c.vae.dtype,
-                        negative=negative)
+                        negative=negative, **anchors)
 
 
 LATENT_SCALE = 8  # VAE spatial compression
@@ -232,6 +254,7 @@ def plan_request(request: RenderRequest, width: int, height: int) -> Plan:
         request.prompts,
         request.seconds_per_section,
         has_end_image=request.end_image is not None,
+        keyframes=request.keyframe_boundaries,
     )
 
 
@@ -249,38 +272,60 @@ class Encoded:
     provenance: Provenance | None = None  # image hashes and the model loaded: what the video records
 
 
-def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
+# A request's image bytes: (start, end or None, then one per keyframe in the request's order).
+Images = tuple[bytes | None, ...]
+
+
+def keyframe_what(i: int, request: RenderRequest) -> str:
+    """How errors name keyframe i: by its time, as the user gave it."""
+    return f"keyframes[{request.keyframes[i].at:g}s]"
+
+
+def read_request_images(request: RenderRequest) -> Images:
     start = read_image_bytes(request.image_path, "image")
     end = read_image_bytes(request.end_image, "end_image") if request.end_image else None
-    return start, end
+    keys = tuple(read_image_bytes(k.image, keyframe_what(i, request)) for i, k in enumerate(request.keyframes))
+    return (start, end) + keys
 
 
-def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None], loras: tuple[LoraFile, ...] = ()) -> str:
+def decode_request_images(request: RenderRequest, images: Images) -> tuple[Image.Image, Image.Image | None, tuple[Image.Image, ...]]:
+    """(start, end, keyframes) decoded, each within the image limits (ImageError naming it)."""
+    if len(images) != 2 + len(request.keyframes):
+        raise ValueError(f"expected the bytes of 2 + {len(request.keyframes)} images, got {len(images)}")
+    start = decode_image(images[0], "image", request.image_path)
+    end = decode_image(images[1], "end_image", request.end_image) if images[1] is not None else None
+    keys = tuple(decode_image(data, keyframe_what(i, request), request.keyframes[i].image) for i, data in enumerate(images[2:]))
+    return start, end, keys
+
+
+def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[LoraFile, ...] = ()) -> str:
     """Where the images and LoRAs came from does not change the video; their bytes (and the
-    LoRAs' weights) do. A request without LoRAs keeps the fingerprint it had before LoRAs."""
+    LoRAs' weights, the keyframes' times) do. A request without LoRAs or keyframes keeps the
+    fingerprint it had before they existed."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
-    text = request.model_dump_json(exclude={"image", "end_image", "loras"})
+    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes"})
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
+    if request.keyframes:
+        text += json.dumps({"keyframes": [k.at for k in request.keyframes]})
     return fingerprint(text, *images)
 
 
-def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None,
+def encode_request(c: Components, request: RenderRequest, images: Images | None = None,
                    loras: tuple[LoraFile, ...] | None = None) -> Encoded:
     """Plan and encode `request`; `images` are its image bytes when the caller read them
     already, `loras` its LoRAs' files (None: found as paths or hub ids)."""
     loras = LoraRegistry().resolve(request.loras) if loras is None else loras
-    start_bytes, end_bytes = images or read_request_images(request)
-    start = decode_image(start_bytes, "image", request.image_path)
-    end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None
+    images = images or read_request_images(request)
+    start, end, keys = decode_request_images(request, images)
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
     # The official demo encodes n_prompt only when cfg is above 1 (zeros stand in otherwise,
     # never read: cfg 1 makes no negative pass).
     negative = request.negative_prompt if request.cfg > 1 else None
-    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative)
+    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative, keys)
     spec = c.spec
-    provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
-                            model_identity(spec.model, spec.base, spec.image_encoder))
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, (start_bytes, end_bytes), loras), loras, provenance)
+    provenance = Provenance(sha256(images[0]), None if images[1] is None else sha256(images[1]),
+                            model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]))
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras), loras, provenance)

@@ -33,11 +33,14 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
         four, two, one = past.split([n4, n2, n1], dim=2)
         prefix = start
     else:
-        parts = ([cond.end_latent] if section.history_starts_with_end else []) + [done[p] for p in section.history]
+        left, right = section.anchors
+        left_anchor = start if left is None else cond.keyframe_latents[left]
+        right_anchor = cond.end_latent if right is None else cond.keyframe_latents[right]
+        parts = ([right_anchor] if section.history_starts_with_end else []) + [done[p] for p in section.history]
         future = torch.cat(parts, dim=2)[:, :, :HISTORY_FRAMES] if parts else start[:, :, :0]
         future = F.pad(future, (0, 0, 0, 0, 0, HISTORY_FRAMES - future.shape[2]))
         one, two, four = future.split([n1, n2, n4], dim=2)
-        prefix = start if section.prefix is None else done[section.prefix][:, :, -1:]
+        prefix = left_anchor if section.prefix is None else done[section.prefix][:, :, -1:]
     return PackedContext(
         clean=torch.cat([prefix, one], dim=2),
         history_2x=two,
@@ -46,9 +49,21 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
     )
 
 
+def section_image_embeds(section: Section, cond: Conditioning) -> torch.Tensor:
+    """The SigLIP embedding a section reads: with keyframes, the average of the two images
+    around its span (the start image or a keyframe on the left; a keyframe, else the end image
+    if any, on the right), as the start and end images average without them."""
+    if not cond.keyframe_latents:
+        return cond.image_embeds
+    left, right = section.anchors
+    a = cond.start_embeds if left is None else cond.keyframe_embeds[left]
+    b = cond.end_embeds if right is None else cond.keyframe_embeds[right]
+    return a if b is None else (a + b) / 2
+
+
 def noise_stream(plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
     """The request's noise stream: the start (and end) image latent draws come first."""
-    image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * (1 if cond.end_latent is None else 2)
+    image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * cond.image_draws
     shape = (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
     return NoiseStream(seed, image_draws, shape)
 
@@ -86,7 +101,7 @@ def section_steps(
         guidance,
         noise=noise,
         text=trim_text(cond.text[section.prompt]),
-        image_embeds=cond.image_embeds,
+        image_embeds=section_image_embeds(section, cond),
         context=gather_context(section, cond, done),
         device=components.device,
         cfg=cfg,

@@ -91,6 +91,7 @@ class Provenance:
     image_sha256: str
     end_image_sha256: str | None
     model: dict
+    keyframe_sha256: tuple[str, ...] = ()  # in the request's order
 
 
 def portable_source(location: str | None) -> str | None:
@@ -100,19 +101,25 @@ def portable_source(location: str | None) -> str | None:
     return str(Path(location).expanduser().resolve())
 
 
-def render_metadata(request: RenderRequest, provenance: Provenance, sources: tuple[str | None, str | None] | None = None) -> dict:
-    """The record a video carries. `sources`: where the images came from, as a user could
-    give them again (None: the request's own paths; (None, None) for uploads, known by hash
-    only). The shipped tiny checkpoint and the sample image are recorded as None, as the
+def render_metadata(request: RenderRequest, provenance: Provenance, sources: tuple[str | None, ...] | None = None) -> dict:
+    """The record a video carries. `sources`: where the images came from (start, end, then
+    keyframes), as a user could give them again (None: the request's own paths; (None, None)
+    for uploads, known by hash only). The shipped tiny checkpoint and the sample image are recorded as None, as the
     request's own defaults: a record made on one install re-renders on another."""
     fields = request.model_dump(mode="json")
-    image, end_image = sources if sources is not None else (request.image, request.end_image)
+    image, end_image = sources[:2] if sources is not None else (request.image, request.end_image)
     fields["image"], fields["end_image"] = portable_source(image), portable_source(end_image) if request.end_image else None
+    # keyframes: sources[2:] when given (missing ones, as uploads, by hash only)
+    key_sources = [k.image for k in request.keyframes] if sources is None else list(sources[2:]) + [None] * len(request.keyframes)
+    for k, source in zip(fields["keyframes"], key_sources):
+        k["image"] = portable_source(source)
     if Path(request.model).expanduser().resolve() == TINY_CHECKPOINT:
         fields["model"] = None
     end = None if provenance.end_image_sha256 is None else {"sha256": provenance.end_image_sha256}
-    return {"format": FORMAT, "fp_ray_version": __version__, "request": fields,
-            "images": {"image": {"sha256": provenance.image_sha256}, "end_image": end}, "model": provenance.model}
+    images = {"image": {"sha256": provenance.image_sha256}, "end_image": end}
+    if provenance.keyframe_sha256:
+        images["keyframes"] = [{"sha256": h} for h in provenance.keyframe_sha256]
+    return {"format": FORMAT, "fp_ray_version": __version__, "request": fields, "images": images, "model": provenance.model}
 
 
 def dumps(metadata: dict) -> str:
@@ -185,8 +192,23 @@ def recorded_image(record: dict, key: str, given: str | None, flag: str) -> str 
     image = record["images"].get(key)
     if image is None:
         return None
-    want, source = image["sha256"], record["request"].get(key)
     what = "start image" if key == "image" else "end image"
+    return _unchanged_source(image["sha256"], record["request"].get(key), key, what, flag)
+
+
+def recorded_keyframes(record: dict, given: list[str] | None, flag: str = "--keyframe") -> list[dict] | None:
+    """The keyframes to re-render `record` with: `given` (TIME:IMAGE texts) when the user names
+    any; else the recorded ones, each image checked as recorded_image checks."""
+    if given:
+        return None
+    recorded, hashes = record["request"].get("keyframes") or [], record["images"].get("keyframes") or []
+    if len(recorded) != len(hashes) or not all(isinstance(k, dict) for k in [*recorded, *hashes]):
+        raise MetadataError("the fp-ray render record is incomplete (its keyframes and their hashes differ)")
+    return [{"at": k.get("at"), "image": _unchanged_source(h.get("sha256"), k.get("image"), "keyframe", f"keyframe at {k.get('at')}s", flag)}
+            for k, h in zip(recorded, hashes)]
+
+
+def _unchanged_source(want: str, source: str | None, key: str, what: str, flag: str) -> str | None:
     if source is None:
         if key == "image" and want == sha256(SAMPLE_IMAGE.read_bytes()):
             return None

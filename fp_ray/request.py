@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ MAX_SECONDS = 600.0
 MIN_SIDE, MAX_SIDE = 32, 2048
 PIXEL_FRAMES_PER_LATENT = 4
 MAX_LORAS = 4
+MAX_KEYFRAMES = 64
 
 
 class RequestError(ValueError):
@@ -92,6 +94,33 @@ class LoraChoice(BaseModel):
     weight: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
+_KEYFRAME = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*:\s*(.+?)\s*$", re.S)
+
+
+def parse_keyframes(text: str) -> list[dict]:
+    """'4s:pose.png; 8s:https://host/jump.png' -> [{at: 4.0, image: 'pose.png'}, ...]: each part a
+    time in seconds (the 's' is optional), ':', then an image path, URL or URI."""
+    items = []
+    for part in (p.strip() for p in re.split(r"[;\n]", text)):
+        if not part:
+            continue
+        m = _KEYFRAME.match(part)
+        if not m:
+            raise RequestError(f"keyframes: expected TIME:IMAGE such as 4s:pose.png, got {excerpt(part)}")
+        items.append({"at": float(m.group(1)), "image": m.group(2)})
+    return items
+
+
+class Keyframe(BaseModel):
+    """An image the video passes through at a time: snapped to the nearest section boundary
+    (`RenderRequest.keyframe_boundaries`), where it anchors the sections on both sides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: float = Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)  # seconds
+    image: str = Field(min_length=1, max_length=2000)  # path, http(s) URL or pyarrow.fs URI
+
+
 class RenderRequest(BaseModel):
     """An image-to-video render. Defaults follow the official FramePack demo."""
 
@@ -123,6 +152,17 @@ class RenderRequest(BaseModel):
     cfg_rescale: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     # LoRAs applied to the transformer, in this order; "name:weight, ..." text is parsed.
     loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
+    # Images the video passes through, at times snapped to section boundaries (bidirectional only).
+    keyframes: tuple[Keyframe, ...] = Field(default=(), max_length=MAX_KEYFRAMES)
+
+    @field_validator("keyframes", mode="before")
+    @classmethod
+    def _keyframe_text(cls, v):
+        if isinstance(v, str):
+            return parse_keyframes(v)
+        if isinstance(v, (list, tuple)):
+            return [item for x in v for item in (parse_keyframes(x) if isinstance(x, str) else [x])]
+        return v
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -179,7 +219,37 @@ class RenderRequest(BaseModel):
             raise ValueError(f"{given}: needs cfg above 1 (real guidance, two passes per step); cfg is 1, which turns it off")
         if self.end_image is not None and self.schedule == "forward":
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
+        if self.keyframes:
+            self.keyframe_boundaries  # snaps and checks them
         return self
+
+    @property
+    def keyframe_boundaries(self) -> tuple[int, ...]:
+        """The section boundary of each keyframe, in the request's order: boundary b is where
+        section b starts (b * seconds_per_section), the nearest to the keyframe's time. A
+        keyframe must land strictly inside the video (the start is the image, the end the
+        end image), one per boundary."""
+        if not self.keyframes:
+            return ()
+        spp, n = self.seconds_per_section, self.num_sections
+        if self.schedule != "bidirectional":
+            raise ValueError(f"keyframes need the bidirectional schedule (it plans them first, then fills between); got {self.schedule}")
+        out = []
+        for k in self.keyframes:
+            b = math.floor(k.at / spp + 0.5 + 1e-9)  # half up (0.6 s in sections of 0.4 s is 1.4999...)
+            if not 1 <= b <= n - 1:
+                first, last = spp, (n - 1) * spp
+                where = f"the boundaries are {first:g}s to {last:g}s" if n > 1 else "a one-section video has none"
+                raise ValueError(f"keyframes: {k.at:g}s snaps to section boundary {b} ({b * spp:g}s), which is not inside the "
+                                 f"video ({n} sections of {spp:g}s; {where}; the first frame is the image, the last the end_image)")
+            out.append(b)
+        if len(set(out)) < len(out):
+            seen: dict[int, float] = {}
+            for k, b in zip(self.keyframes, out):
+                if b in seen:
+                    raise ValueError(f"keyframes: {seen[b]:g}s and {k.at:g}s both snap to section boundary {b} ({b * spp:g}s); one keyframe per boundary")
+                seen[b] = k.at
+        return tuple(out)
 
     @property
     def image_path(self) -> str:
@@ -220,4 +290,4 @@ def _error_line(err: dict) -> str:
     return f"{where}: {msg}{shown}"
 
 
-__all__ = ["LoraChoice", "RenderRequest", "parse_loras", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]
+__all__ = ["Keyframe", "LoraChoice", "parse_keyframes", "RenderRequest", "parse_loras", "RequestError", "make_request", "parse_prompts", "parse_size", "bucket_size", "SCHEDULES"]

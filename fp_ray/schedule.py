@@ -12,6 +12,12 @@ start image); the full latent video is [start image latent, section 0, ..., sect
   contiguous after it) as 1x/2x/4x history, on the inverted checkpoint's layout: padding
   encodes the gap to the left anchor, `gap` the gap to the right one (both capped at 3
   windows, as the reference caps padding). Fills of one wave are independent.
+
+  Keyframes (images at section boundaries) cut the video into spans, each planned as above
+  between its two anchors (multiple-endpoint planning): wave 0 generates every span's last
+  section at once, reading the keyframe after it as the end image is read; the section that
+  starts at a keyframe (and any fill with no section to its left) reads the keyframe's
+  latent as prefix, as the first section reads the start image's.
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ class Section:
     order: int  # generation order; also the index into the request's noise stream
     wave: int  # sections of one wave depend only on earlier waves
     layout: ContextLayout
-    prefix: int | None  # section whose last latent frame is the prefix; None = start image
+    prefix: int | None  # section whose last latent frame is the prefix; None = the left anchor
     history: tuple[int, ...]  # sections read as 1x/2x/4x history, in time order
-    history_starts_with_end: bool  # the end image latent leads the history (inverted/bidirectional)
+    history_starts_with_end: bool  # the right anchor's latent leads the history (inverted/bidirectional)
     prompt: str
     decode_span: tuple[int, int]  # [start, stop) in full-video latent frames, decoded as one chunk
     decode_needs: tuple[int, ...]  # sections whose latents the decode span covers
+    # The images around the section's span: (left, right) keyframe indices (in the request's
+    # order); None = the start image on the left, the end image (if any) on the right.
+    anchors: tuple[int | None, int | None] = (None, None)
 
     @property
     def depends_on(self) -> tuple[int, ...]:
@@ -152,8 +161,10 @@ def make_plan(
     prompts: list[tuple[float, str]],
     seconds_per_section: float,
     has_end_image: bool = False,
+    keyframes: tuple[int, ...] = (),
 ) -> Plan:
-    """Build the section DAG of a request. `prompts` are (start seconds, text), sorted."""
+    """Build the section DAG of a request. `prompts` are (start seconds, text), sorted;
+    `keyframes`: the section boundary of each keyframe (bidirectional only), distinct, inside."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     if num_sections < 1:
@@ -161,8 +172,14 @@ def make_plan(
     if has_end_image and schedule == "forward":
         raise ValueError("an end image needs the inverted or bidirectional schedule; forward has no future context")
 
+    if keyframes and schedule != "bidirectional":
+        raise ValueError(f"keyframes need the bidirectional schedule, got {schedule}")
+    if len(set(keyframes)) < len(keyframes) or not all(0 < b < num_sections for b in keyframes):
+        raise ValueError(f"keyframe boundaries must be distinct and inside 1..{num_sections - 1}, got {list(keyframes)}")
+
     # (position, wave, layout, prefix, history, history_starts_with_end) in generation order
     steps: list[tuple[int, int, ContextLayout, int | None, tuple[int, ...], bool]] = []
+    anchors: dict[int, tuple[int | None, int | None]] = {}
     if schedule == "forward":
         for p in range(num_sections):
             past = tuple(range(max(0, p - _sections_in_history(window)), p))
@@ -174,34 +191,7 @@ def make_plan(
             layout = ContextLayout("inverted", window, padding=pad * window)
             steps.append((p, k, layout, None, future, has_end_image and k == 0))
     else:
-        done: set[int] = set()
-        end = num_sections - 1
-        pad = min(end, MAX_GAP_WINDOWS) * window
-        steps.append((end, 0, ContextLayout("inverted", window, padding=pad), None, (), has_end_image))
-        done.add(end)
-        gaps = [(-1, end)]
-        wave = 1
-        while gaps:
-            next_gaps = []
-            wave_steps = []
-            for left, right in gaps:
-                if right - left <= 1:
-                    continue
-                m = (left + right + 1) // 2  # ceil: the fill nearest the right anchor comes first
-                layout = ContextLayout(
-                    "inverted",
-                    window,
-                    padding=min(m - left - 1, MAX_GAP_WINDOWS) * window,
-                    gap=min(right - m - 1, MAX_GAP_WINDOWS) * window,
-                )
-                history = _future_run(right, num_sections, done, window)
-                prefix = None if left < 0 else left
-                wave_steps.append((m, wave, layout, prefix, history, False))
-                next_gaps += [(left, m), (m, right)]
-            done.update(s[0] for s in wave_steps)
-            steps += sorted(wave_steps)
-            gaps = [g for g in next_gaps if g[1] - g[0] > 1]
-            wave += 1
+        steps = _bidirectional(num_sections, window, has_end_image, keyframes, anchors)
 
     sections = []
     for order, (p, wave, layout, prefix, history, with_end) in enumerate(steps):
@@ -218,6 +208,50 @@ def make_plan(
                 prompt=section_prompt(prompts, p * seconds_per_section),
                 decode_span=span,
                 decode_needs=needs,
+                anchors=anchors.get(p, (None, None)),
             )
         )
     return Plan(schedule, window, latent_height, latent_width, tuple(sections))
+
+
+def _bidirectional(num_sections: int, window: int, has_end_image: bool, keyframes: tuple[int, ...],
+                   anchors: dict[int, tuple[int | None, int | None]]) -> list:
+    """The bidirectional steps; fills `anchors` with each position's (left, right) keyframes."""
+    cuts = sorted((b, i) for i, b in enumerate(keyframes))
+    # spans [lo, hi) of sections between consecutive anchors, with the keyframes bounding them
+    spans = list(zip([0] + [b for b, _ in cuts], [b for b, _ in cuts] + [num_sections],
+                     [None] + [i for _, i in cuts], [i for _, i in cuts] + [None]))
+    done: set[int] = set()
+    steps: list = []
+    gaps = []  # (left, right, lo, hi): sections strictly between left and right are to fill
+    for lo, hi, left_kf, right_kf in spans:
+        end = hi - 1
+        pad = min(end - lo, MAX_GAP_WINDOWS) * window
+        with_end = right_kf is not None or has_end_image
+        steps.append((end, 0, ContextLayout("inverted", window, padding=pad), None, (), with_end))
+        done.add(end)
+        gaps.append((lo - 1, end, lo, hi))
+        anchors.update({p: (left_kf, right_kf) for p in range(lo, hi)})
+    wave = 1
+    while gaps:
+        next_gaps = []
+        wave_steps = []
+        for left, right, lo, hi in gaps:
+            if right - left <= 1:
+                continue
+            m = (left + right + 1) // 2  # ceil: the fill nearest the right anchor comes first
+            layout = ContextLayout(
+                "inverted",
+                window,
+                padding=min(m - left - 1, MAX_GAP_WINDOWS) * window,
+                gap=min(right - m - 1, MAX_GAP_WINDOWS) * window,
+            )
+            history = _future_run(right, hi, done, window)
+            prefix = None if left < lo else left
+            wave_steps.append((m, wave, layout, prefix, history, False))
+            next_gaps += [(left, m, lo, hi), (m, right, lo, hi)]
+        done.update(s[0] for s in wave_steps)
+        steps += sorted(wave_steps)
+        gaps = [g for g in next_gaps if g[1] - g[0] > 1]
+        wave += 1
+    return steps

@@ -21,7 +21,7 @@ from typing import AsyncIterator, Iterator, Mapping
 import torch
 
 from .decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
-from .encode import Conditioning, Encoded, encode_request
+from .encode import Conditioning, Encoded, Images, encode_request
 from .generate import noise_stream, section_steps
 from .devices import memory_figures
 from .lora import LoraFile, LoraRegistry
@@ -156,7 +156,7 @@ class EncoderWorker:
         resident = self.components.policy.memory == "resident"
         self._turns = contextlib.nullcontext() if resident else threading.Lock()
 
-    def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    def encode(self, request: RenderRequest, images: Images | None = None) -> Encoded:
         self.components.spec.check(request.schedule)
         loras = self.loras.resolve(request.loras)
         with self._turns:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import weakref
 from pathlib import Path
@@ -20,7 +21,7 @@ from starlette.types import Message
 
 from fp_ray.encode import ImageError, decode_image
 from fp_ray.metadata import MetadataError, parse_metadata
-from fp_ray.request import RenderRequest, RequestError, excerpt, make_request, parse_size
+from fp_ray.request import MAX_KEYFRAMES, RenderRequest, RequestError, excerpt, make_request, parse_keyframes, parse_size
 from serving.fetch import FetchRefused, fetch_image_bytes
 from serving.service import Busy, RenderService
 
@@ -101,8 +102,51 @@ def check_image(data: bytes, what: str) -> None:
         raise HTTPException(422, str(e)) from None
 
 
-async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]:
-    """(fields, image bytes, end image bytes) from a multipart form or a JSON body."""
+KEYFRAME_PART = re.compile(r"^keyframe_(\d+(?:\.\d+)?)s?$")
+
+
+async def fetched_image(url, svc: RenderService, what: str) -> bytes:
+    """An image URL's bytes, checked; 422 with the same reason for a refused URL or what it returned."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise HTTPException(422, f"{what}: must be an http(s) URL, got {excerpt(str(url), 44)}")
+    try:
+        data = await fetch_image_bytes(url, svc.fetch, what)
+        await asyncio.to_thread(check_image, data, what)
+        return data
+    except (FetchRefused, HTTPException):  # what came back stays as unknown as a refused URL
+        raise HTTPException(422, str(FetchRefused(what, ""))) from None
+
+
+async def read_keyframes(fields: dict, uploads: dict[float, bytes], svc: RenderService) -> tuple[list[dict], list[bytes]]:
+    """The keyframes of a submission, in time order, with their bytes: file parts named
+    `keyframe_<seconds>s`, and the `keyframes` field's TIME:URL parts (http/https only: a
+    request never names a server path)."""
+    given = fields.pop("keyframes", None) or []
+    try:
+        parsed = parse_keyframes(given) if isinstance(given, str) else \
+            [x for g in given for x in (parse_keyframes(g) if isinstance(g, str) else [g])] if isinstance(given, list) else None
+    except RequestError as e:
+        raise HTTPException(422, str(e)) from None
+    if parsed is None or not all(isinstance(k, dict) and set(k) <= {"at", "image", "image_url"} for k in parsed):
+        raise HTTPException(422, "keyframes: expected 'TIME:URL; ...' or a list of {at, image_url}")
+    if len(parsed) + len(uploads) > MAX_KEYFRAMES:
+        raise HTTPException(422, f"keyframes: at most {MAX_KEYFRAMES}")
+    items = [(float(at), data) for at, data in uploads.items()]
+    for k in parsed:
+        if not isinstance(k.get("at"), (int, float, str)):
+            raise HTTPException(422, f"keyframes: each needs a time, got {excerpt(k, 60)}")
+        try:
+            at = float(k["at"])
+        except ValueError:
+            raise HTTPException(422, f"keyframes: a time is a number of seconds, got {excerpt(k['at'], 30)}") from None
+        items.append((at, await fetched_image(k.get("image_url", k.get("image")), svc, f"keyframes[{at:g}s]")))
+    items.sort(key=lambda item: item[0])
+    return [{"at": at, "image": "upload"} for at, _ in items], [data for _, data in items]
+
+
+async def read_body(request: Request) -> tuple[dict, tuple[bytes | None, ...]]:
+    """(fields, images) from a multipart form or a JSON body: images are the start image's
+    bytes, the end image's (or None), then each keyframe's, as fields["keyframes"] orders them."""
     svc = service(request)
     limit = svc.max_upload_bytes
     length = request.headers.get("content-length", "")
@@ -110,14 +154,17 @@ async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]
         raise HTTPException(413, f"request body is {int(length)} bytes; the limit is {limit}")
     kind = request.headers.get("content-type", "")
     images: dict[str, bytes | None] = {"image": None, "end_image": None}
+    uploads: dict[float, bytes] = {}
     body = capped(request, limit)
     try:
         if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            form = await body.form(max_files=2, max_fields=64)
+            form = await body.form(max_files=2 + MAX_KEYFRAMES, max_fields=64)
             fields = {}
             for key, value in form.multi_items():
                 if key in images and hasattr(value, "read"):
                     images[key] = await value.read()
+                elif (m := KEYFRAME_PART.match(key)) and hasattr(value, "read"):
+                    uploads[float(m.group(1))] = await value.read()
                 elif isinstance(value, str) and value != "":
                     fields[key] = value
         elif kind.startswith("application/json"):
@@ -129,18 +176,17 @@ async def read_body(request: Request) -> tuple[dict, bytes | None, bytes | None]
     for key in ("image", "end_image"):
         url = fields.pop(f"{key}_url", None)
         if images[key] is None and url:
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise HTTPException(422, f"{key}_url: must be an http(s) URL, got {excerpt(str(url), 44)}")
-            try:
-                images[key] = await fetch_image_bytes(url, svc.fetch, f"{key}_url")
-                await asyncio.to_thread(check_image, images[key], key)
-            except (FetchRefused, HTTPException):  # what came back stays as unknown as a refused URL
-                raise HTTPException(422, str(FetchRefused(f"{key}_url", ""))) from None
+            images[key] = await fetched_image(url, svc, f"{key}_url")
         elif images[key] is not None:
             await asyncio.to_thread(check_image, images[key], key)
     if images["image"] is None:
         raise HTTPException(422, "image: upload a file named 'image' or give image_url")
-    return fields, images["image"], images["end_image"]
+    for at, data in uploads.items():
+        await asyncio.to_thread(check_image, data, f"keyframe_{at:g}s")
+    keyframes, key_bytes = await read_keyframes(fields, uploads, svc)
+    if keyframes:
+        fields["keyframes"] = keyframes
+    return fields, (images["image"], images["end_image"], *key_bytes)
 
 
 def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
@@ -188,6 +234,7 @@ def form_fields(record: dict) -> dict:
     except (ValueError, TypeError) as e:  # RequestError is a ValueError
         raise HTTPException(422, f"the render record holds a bad request: {e}") from None
     fields.pop("loras", None)
+    fields.pop("keyframes", None)  # their images, like the start image's, are the user's to give again
     if request.loras:  # as the form's text field takes them
         fields["loras"] = ", ".join(f"{c.name}:{c.weight:g}" for c in request.loras)
     width, height = record["request"].get("width"), record["request"].get("height")
@@ -256,10 +303,10 @@ def make_api() -> FastAPI:
         [{name, weight}]."""
         client = authorize(request)
         svc = service(request)
-        fields, image, end_image = await read_body(request)
-        render_request = to_request(fields, end_image)
+        fields, images = await read_body(request)
+        render_request = to_request(fields, images[1])
         try:
-            rid = await svc.submit(render_request, image, end_image, client)
+            rid = await svc.submit(render_request, images, client)
         except RequestError as e:  # a LoRA the server does not offer
             raise HTTPException(422, str(e)) from None
         except Busy as e:

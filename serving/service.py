@@ -195,7 +195,7 @@ class RenderService:
                 log.info("replica %s takes over render %s", self.replica, rid)
                 await self._start(rid, RenderRequest(**record["request"]), owner)
 
-    async def submit(self, request: RenderRequest, image: bytes, end_image: bytes | None, client: str | None = None) -> str:
+    async def submit(self, request: RenderRequest, images: tuple[bytes | None, ...], client: str | None = None) -> str:
         """Admit, store the inputs, record the render and start it; returns its id at once.
         LoraError: a LoRA this service does not offer."""
         self.loras.check(request.loras)
@@ -205,10 +205,12 @@ class RenderService:
         if client is not None and await self.db(self.records.count_unfinished, client) >= cap.max_per_client:
             raise Busy(f"token {client!r} has {cap.max_per_client} renders queued or running; retry later", cap.retry_after_s)
         rid = uuid.uuid4().hex[:16]
-        fields = {"image": str(self.image_path(rid, "start")), "model": self.model}
-        if end_image is not None:
+        fields = {"image": str(self.image_path(rid, "start")), "model": self.model,
+                  "keyframes": tuple(k.model_copy(update={"image": str(self.image_path(rid, f"keyframe_{i}"))})
+                                     for i, k in enumerate(request.keyframes))}
+        if images[1] is not None:
             fields["end_image"] = str(self.image_path(rid, "end"))
-        await asyncio.to_thread(self._store_inputs, rid, image, end_image)
+        await asyncio.to_thread(self._store_inputs, rid, images)
         request = request.model_copy(update=fields)
         owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
         await self.db(self.records.create, rid, request.model_dump(), client)
@@ -217,11 +219,15 @@ class RenderService:
         await self._start(rid, request, owner)
         return rid
 
-    def _store_inputs(self, rid: str, image: bytes, end_image: bytes | None) -> None:
+    def _store_inputs(self, rid: str, images: tuple[bytes | None, ...]) -> None:
         self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)
-        self.image_path(rid, "start").write_bytes(image)
-        if end_image is not None:
-            self.image_path(rid, "end").write_bytes(end_image)
+        for name, data in zip(self._input_names(len(images) - 2), images):
+            if data is not None:
+                self.image_path(rid, name).write_bytes(data)
+
+    @staticmethod
+    def _input_names(keyframes: int) -> list[str]:
+        return ["start", "end"] + [f"keyframe_{i}" for i in range(keyframes)]
 
     async def _start(self, rid: str, request: RenderRequest, owner: str) -> None:
         # the new owner's token stops any section an earlier owner still has in flight
@@ -230,10 +236,11 @@ class RenderService:
         self.metrics.queue_depth.inc()
         render.task = asyncio.get_running_loop().create_task(self._run(render, request))
 
-    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes, bytes | None]:
+    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes | None, ...]:
         try:
-            return (self.image_path(rid, "start").read_bytes(),
-                    self.image_path(rid, "end").read_bytes() if request.end_image else None)
+            given = [True, request.end_image is not None] + [True] * len(request.keyframes)
+            return tuple(self.image_path(rid, name).read_bytes() if there else None
+                         for name, there in zip(self._input_names(len(request.keyframes)), given))
         except FileNotFoundError:
             raise InputsGone(f"render {rid}: its input images are gone from storage; delete it and submit again") from None
 

@@ -48,16 +48,24 @@ def test_actors_hold_their_gpus(pools):
     assert ray.available_resources().get("GPU", 0) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("schedule,seconds", [("bidirectional", 6.0), ("inverted", 3.6)])
-def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds, monkeypatch):
+@pytest.mark.parametrize("schedule,seconds,keyframe", [("bidirectional", 6.0, None), ("inverted", 3.6, None), ("bidirectional", 4.8, 2.4)])
+def test_distributed_video_is_byte_identical_to_local(pools, components, tmp_path, schedule, seconds, keyframe, monkeypatch):
     """...with each section's latents passed from its generator to the generators and decoders
-    that read them by reference: the coordinator holds Ray object references, never a tensor."""
+    that read them by reference: the coordinator holds Ray object references, never a tensor.
+    A keyframe's latent and embedding reach the generators with the render's conditioning."""
+    from PIL import Image, ImageOps
+
+    from fp_ray import SAMPLE_IMAGE
     from fp_ray.coordinator import SectionLatents
 
     held = []
     add = SectionLatents.add
     monkeypatch.setattr(SectionLatents, "add", lambda self, p, latents: held.append(type(latents)) or add(self, p, latents))
-    request = make_request(**REQUEST, schedule=schedule, seconds=seconds)
+    keyframes = ()
+    if keyframe is not None:
+        ImageOps.mirror(Image.open(SAMPLE_IMAGE)).save(tmp_path / "key.png")
+        keyframes = ({"at": keyframe, "image": str(tmp_path / "key.png")},)
+    request = make_request(**REQUEST, schedule=schedule, seconds=seconds, keyframes=keyframes)
     distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4", keep_latents=True)
     assert len(held) == distributed.plan.num_sections and set(held) == {ray.ObjectRef}
     monkeypatch.undo()

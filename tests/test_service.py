@@ -121,7 +121,7 @@ def test_two_replicas_on_postgresql_one_takes_over_the_others_render(pools, tmp_
     async def scenario():
         a = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
         b = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), postgres_url, config=config)
-        rid = await a.submit(request, SAMPLE_IMAGE.read_bytes(), None)
+        rid = await a.submit(request, (SAMPLE_IMAGE.read_bytes(), None))
         assert a.records.get(rid)["owner"].startswith(a.replica)
         a.live[rid].task.cancel()  # A dies mid-render: nothing written, the lease runs out
         await asyncio.gather(a.live[rid].task, return_exceptions=True) if rid in a.live else None

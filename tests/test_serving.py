@@ -204,6 +204,48 @@ def test_real_guidance_fields_reach_the_generator(app, components, tmp_path):
     assert client.get(f"/v1/renders/{rid}/video.mp4").content == local.path.read_bytes()
 
 
+def video_frames(path) -> list[bytes]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+
+
+def test_keyframes_as_uploads_render_as_locally_and_server_paths_are_refused(app, components, tmp_path):
+    """A keyframe is a file part named keyframe_<seconds>s (or a TIME:URL in the keyframes
+    field): stored with the render, recorded by hash, and the video is the local one."""
+    from PIL import ImageOps
+
+    from fp_ray.render import render
+    from fp_ray.request import make_request
+
+    client, _ = app
+    key = tmp_path / "key.png"
+    ImageOps.mirror(Image.open(SAMPLE_IMAGE)).save(key)
+    files = [("image", ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png")), ("keyframe_1.3s", ("k.png", key.read_bytes(), "image/png"))]
+    r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional"}, files=files)
+    assert r.status_code == 202, r.text
+    record = wait_until(client, r.json()["id"], {"finished", "failed"})
+    assert record["status"] == "finished", record["error"]
+    assert [k["at"] for k in record["request"]["keyframes"]] == [1.3]
+    request = make_request(prompt=SMALL["prompt"], width=64, height=48, steps=4, seconds=3.6, schedule="bidirectional",
+                           keyframes=[{"at": 1.3, "image": str(key)}])
+    local = render(request, tmp_path / "local.mp4", components=components)
+    served = tmp_path / "served.mp4"
+    served.write_bytes(client.get(f"/v1/renders/{record['id']}/video.mp4").content)
+    assert video_frames(served) == video_frames(local.path)  # the records differ: the upload is known by hash only
+    start = ("image", ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png"))
+    for given in ("1.2s:/etc/passwd", f"1.2s:file://{key}", "1.2s:s3://bucket/k.png"):
+        r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional", "keyframes": given}, files=[start])
+        assert r.status_code == 422 and r.json()["detail"].startswith("keyframes[1.2s]: must be an http(s) URL"), r.text
+    files = [start, ("keyframe_9s", ("k.png", key.read_bytes(), "image/png"))]
+    r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional"}, files=files)
+    assert r.status_code == 422 and "snaps to section boundary" in r.json()["detail"]
+    files = [files[0], ("keyframe_1.2s", ("k.png", b"not an image", "image/png"))]
+    r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional"}, files=files)
+    assert r.status_code == 422 and "keyframe_1.2s" in r.json()["detail"]
+
+
 def test_other_bad_requests(app):
     client, _ = app
     assert client.post("/v1/renders", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
@@ -276,11 +318,19 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
         page.fill("#cfg", "2.5")
         page.fill("#negative_prompt", "blurry")
         page.fill("#cfg_rescale", "0.3")
+        # two keyframes: one time per image, or the page says so and sends nothing
+        page.set_input_files("#keyframes", [str(SAMPLE_IMAGE), str(SAMPLE_IMAGE)])
+        assert page.input_value("#schedule") == "bidirectional"
+        page.fill("#keyframe_times", "12")
+        page.click("#submit")
+        page.wait_for_function("() => /2 images but 1 times/.test(document.getElementById('error').textContent)", timeout=10_000)
+        page.fill("#keyframe_times", "12, 4.8")
         page.click("#submit")
         page.wait_for_function("() => /sections/.test(document.getElementById('status').textContent)", timeout=60_000)
         rid = page.text_content("#status").split()[1].rstrip(":")
         sent = client.get(f"/v1/renders/{rid}").json()["request"]
         assert (sent["cfg"], sent["negative_prompt"], sent["cfg_rescale"]) == (2.5, "blurry", 0.3)
+        assert sent["schedule"] == "bidirectional" and [k["at"] for k in sent["keyframes"]] == [4.8, 12.0]
         assert client.delete(f"/v1/renders/{rid}").json()["status"] == "cancelled"
         page.wait_for_function("() => document.getElementById('status').textContent.endsWith(': cancelled')", timeout=30_000)
         assert page.text_content("#error") == ""
