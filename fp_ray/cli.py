@@ -106,6 +106,14 @@ def recorded_fields(args: argparse.Namespace) -> dict:
         changed = [name for name, part in here.items() if part["sha256"] != (record["model"].get(name) or {}).get("sha256")]
         if changed:
             note(f"{args.source}: this model ({', '.join(changed)}) is not the one recorded: the video may differ")
+    if not args.lora and isinstance(record.get("loras"), list):
+        recorded = {c.get("name"): c.get("sha256") for c in record["loras"] if isinstance(c, dict)}
+        try:
+            here = {f.name: f.digest for f in LoraRegistry().resolve(make_request(prompt="-", loras=fields.get("loras") or ()).loras)}
+        except (RequestError, ValueError, OSError):
+            here = {}  # a LoRA that is gone fails with its own message when the request resolves it
+        if changed := sorted(name for name, digest in here.items() if recorded.get(name) not in (None, digest)):
+            note(f"{args.source}: LoRA {', '.join(changed)} is not the file recorded: the video may differ")
     return fields
 
 

@@ -327,5 +327,6 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative, keys)
     spec = c.spec
     provenance = Provenance(sha256(images[0]), None if images[1] is None else sha256(images[1]),
-                            model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]))
+                            model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]),
+                            tuple(f.digest for f in loras))
     return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras), loras, provenance)

@@ -92,6 +92,7 @@ class Provenance:
     end_image_sha256: str | None
     model: dict
     keyframe_sha256: tuple[str, ...] = ()  # in the request's order
+    lora_sha256: tuple[str, ...] = ()  # the LoRA files', in the request's order
 
 
 def portable_source(location: str | None) -> str | None:
@@ -119,7 +120,10 @@ def render_metadata(request: RenderRequest, provenance: Provenance, sources: tup
     images = {"image": {"sha256": provenance.image_sha256}, "end_image": end}
     if provenance.keyframe_sha256:
         images["keyframes"] = [{"sha256": h} for h in provenance.keyframe_sha256]
-    return {"format": FORMAT, "fp_ray_version": __version__, "request": fields, "images": images, "model": provenance.model}
+    record = {"format": FORMAT, "fp_ray_version": __version__, "request": fields, "images": images, "model": provenance.model}
+    if provenance.lora_sha256:
+        record["loras"] = [{"name": c.name, "weight": c.weight, "sha256": h} for c, h in zip(request.loras, provenance.lora_sha256)]
+    return record
 
 
 def dumps(metadata: dict) -> str:

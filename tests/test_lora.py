@@ -5,6 +5,7 @@ transformer each get the latents they get alone, bit for bit."""
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,21 @@ def test_serve_app_refuses_fp8_generators_with_loras(loras):
         build_app({"loras": {"style": str(loras["attn"])}, "speed": {"fp8": True}})
     with pytest.raises(LoraError, match="expected name=location"):
         build_app({"loras": "style"})
+
+
+def test_video_records_its_loras_hashes_and_from_notes_a_changed_file(tmp_path, capsys, loras):
+    import json
+    import shutil
+
+    lora = tmp_path / "style.safetensors"
+    shutil.copy(loras["attn"], lora)
+    out = tmp_path / "v.mp4"
+    assert main(["render", "--out", str(out), "--size", "64x48", "--steps", "1", "--seconds", "1.2", "--lora", f"{lora}:0.5"]) == 0
+    record = json.loads((tmp_path / "v.mp4.json").read_text())
+    assert record["loras"] == [{"name": str(lora), "weight": 0.5, "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}]
+    capsys.readouterr()
+    assert main(["render", "--from", str(out), "--out", str(tmp_path / "same.mp4")]) == 0
+    assert "LoRA" not in capsys.readouterr().err
+    shutil.copy(loras["mlp"], lora)  # the same path, another file
+    assert main(["render", "--from", str(out), "--out", str(tmp_path / "other.mp4")]) == 0
+    assert f"LoRA {lora} is not the file recorded" in capsys.readouterr().err
