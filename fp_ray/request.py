@@ -155,22 +155,15 @@ class RenderRequest(BaseModel):
     # Images the video passes through, at times snapped to section boundaries (bidirectional only).
     keyframes: tuple[Keyframe, ...] = Field(default=(), max_length=MAX_KEYFRAMES)
 
-    @field_validator("keyframes", mode="before")
+    @field_validator("keyframes", "loras", mode="before")
     @classmethod
-    def _keyframe_text(cls, v):
+    def _texts(cls, v, info):
+        """Text parts ("4s:a.png; 8s:b.png", "a:0.8, b") parsed, alone or as list items."""
+        parse = parse_keyframes if info.field_name == "keyframes" else parse_loras
         if isinstance(v, str):
-            return parse_keyframes(v)
+            return parse(v)
         if isinstance(v, (list, tuple)):
-            return [item for x in v for item in (parse_keyframes(x) if isinstance(x, str) else [x])]
-        return v
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _lora_text(cls, v):
-        if isinstance(v, str):
-            return parse_loras(v)
-        if isinstance(v, (list, tuple)):
-            return [item for x in v for item in (parse_loras(x) if isinstance(x, str) else [x])]
+            return [item for x in v for item in (parse(x) if isinstance(x, str) else [x])]
         return v
 
     @field_validator("loras")
