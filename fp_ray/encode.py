@@ -59,13 +59,15 @@ class Conditioning:
     end_latent: torch.Tensor | None
     vae_dtype: torch.dtype = torch.float32  # the image-latent noise draws were taken in it
     negative: TextEmbedding | None = None  # the negative prompt's, when real guidance (cfg > 1) is on
+    end_is_start: bool = False  # a loop: end_latent is start_latent itself, no draw of its own
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
         text = {k: v.cpu() for k, v in self.text.items()}
-        end = None if self.end_latent is None else self.end_latent.cpu()
+        start = self.start_latent.cpu()
+        end = start if self.end_is_start else None if self.end_latent is None else self.end_latent.cpu()
         negative = None if self.negative is None else self.negative.cpu()
-        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end,
+        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=start, end_latent=end,
                        negative=negative)
 
 
@@ -232,6 +234,7 @@ def plan_request(request: RenderRequest, width: int, height: int) -> Plan:
         request.prompts,
         request.seconds_per_section,
         has_end_image=request.end_image is not None,
+        loop=request.loop,
     )
 
 
@@ -260,7 +263,8 @@ def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | Non
     LoRAs' weights) do. A request without LoRAs keeps the fingerprint it had before LoRAs."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
-    text = request.model_dump_json(exclude={"image", "end_image", "loras"})
+    # loop only when set: a request that does not loop keeps the fingerprint it had before loops
+    text = request.model_dump_json(exclude={"image", "end_image", "loras"} | (set() if request.loop else {"loop"}))
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
     return fingerprint(text, *images)
@@ -280,6 +284,8 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     # never read: cfg 1 makes no negative pass).
     negative = request.negative_prompt if request.cfg > 1 else None
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative)
+    if request.loop:  # the end is the start latent itself, not a second posterior sample
+        cond = replace(cond, end_latent=cond.start_latent, end_is_start=True)
     spec = c.spec
     provenance = Provenance(sha256(start_bytes), None if end_bytes is None else sha256(end_bytes),
                             model_identity(spec.model, spec.base, spec.image_encoder))

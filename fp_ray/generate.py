@@ -47,8 +47,9 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
 
 
 def noise_stream(plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
-    """The request's noise stream: the start (and end) image latent draws come first."""
-    image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * (1 if cond.end_latent is None else 2)
+    """The request's noise stream: the start (and end) image latent draws come first; a loop's
+    end is its start latent, drawn once."""
+    image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * (1 if cond.end_latent is None or cond.end_is_start else 2)
     shape = (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
     return NoiseStream(seed, image_draws, shape)
 

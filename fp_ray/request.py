@@ -123,6 +123,9 @@ class RenderRequest(BaseModel):
     cfg_rescale: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     # LoRAs applied to the transformer, in this order; "name:weight, ..." text is parsed.
     loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
+    # A video that plays seamlessly when repeated: the start image is also the end image and
+    # the last frames crossfade into the first (docs/loop.md).
+    loop: bool = False
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -179,6 +182,11 @@ class RenderRequest(BaseModel):
             raise ValueError(f"{given}: needs cfg above 1 (real guidance, two passes per step); cfg is 1, which turns it off")
         if self.end_image is not None and self.schedule == "forward":
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
+        if self.loop and self.end_image is not None:
+            raise ValueError("loop: the end image is the start image; drop end_image")
+        if self.loop and self.schedule == "forward":
+            raise ValueError("loop: needs the inverted or bidirectional schedule (the last section reads the start image "
+                             "as its future); forward has no future context")
         return self
 
     @property
