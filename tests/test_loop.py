@@ -185,3 +185,27 @@ def test_render_from_a_loop_video_renders_the_loop_again(tmp_path):
     assert main(["render", "--from", str(out), "--out", str(again)]) == 0
     assert again.read_bytes() == out.read_bytes()
     assert read_frames(again).shape[0] == 4 * (1 + 2 * 2)  # 2 sections, looped
+
+
+def test_manifest_loop_column_and_a_bad_row(tmp_path):
+    import pickle
+
+    from fp_ray import TINY_CHECKPOINT
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "m.csv").write_text("id,prompt,loop,schedule\na,x,true,\nb,x,false,\nc,x,true,forward\n")
+    checked = {r["id"]: r for r in check_manifest(str(tmp_path / "m.csv"), str(tmp_path / "out"), str(TINY_CHECKPOINT))}
+    assert [pickle.loads(checked[k]["payload"]).loop for k in "ab"] == [True, False]
+    assert checked["c"]["payload"] is None and "loop: needs the inverted or bidirectional schedule" in checked["c"]["record"]["error"]
+
+
+def test_progressive_loop_output_is_the_video(components, tmp_path):
+    """The seam segment opens the video and is made last (it needs section 0, generated last):
+    the progressive output publishes everything then, the same packets as the mp4."""
+    from test_segments import packets
+
+    events = []
+    result = render(make_request(**LOOP, seconds=0.8), tmp_path / "v.mp4", components=components,
+                    progressive=tmp_path / "live.mp4", on_event=events.append)
+    assert [e["segments"] for e in events if e["type"] == "prefix"] == [1, 2, 3]
+    assert packets(tmp_path / "live.mp4") == packets(result.path)

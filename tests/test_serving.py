@@ -175,13 +175,17 @@ def test_cancel_stops_the_work(app):
     ({**SMALL, "cfg": "2", "cfg_rescale": "3"}, "png", 422, "cfg_rescale: Input should be less than or equal to 1"),
     ({**SMALL, "negative_prompt": "blurry"}, "png", 422, "negative_prompt: needs cfg above 1"),
     ({**SMALL, "loras": "/etc/passwd:0.5"}, "png", 422, "unknown LoRA '/etc/passwd'; this server offers: none"),
+    ({**SMALL, "loop": "true"}, "png+end", 422, "loop: the end image is the start image; drop end_image"),
+    ({**SMALL, "loop": "true", "schedule": "forward"}, "png", 422, "loop: needs the inverted or bidirectional schedule"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
     upload = {"png": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")},
               "text": {"image": ("a.png", b"hello", "image/png")},
               "huge": {"image": ("a.png", png_header_only(20000, 20000), "image/png")},
-              "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")}}.get(files)
+              "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")},
+              "png+end": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png"),
+                          "end_image": ("b.png", SAMPLE_IMAGE.read_bytes(), "image/png")}}.get(files)
     r = client.post("/v1/renders", data=data, files=upload)
     assert r.status_code == status and reason in r.json()["detail"], r.text
 
