@@ -293,11 +293,12 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
 
 def test_web_page_loads_settings_from_a_dropped_video(app):
     """Drop a finished video on the page: its settings fill the form, the page checks the
-    picked image against the recorded hash, and rendering again gives the same video."""
+    picked image against the recorded hash, and rendering again gives the same video (a loop:
+    its checkbox is ticked and sent again)."""
     from playwright.sync_api import sync_playwright
 
     client, _ = app
-    rid = submit(client, seconds="1.2", seed="77", steps="3")
+    rid = submit(client, seconds="1.2", seed="77", steps="3", loop="true")
     wait_until(client, rid, {"finished"})
     video = client.get(f"/v1/renders/{rid}/video.mp4").content
     make_file = """([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -313,7 +314,7 @@ def test_web_page_loads_settings_from_a_dropped_video(app):
         page.dispatch_event("body", "drop", {"dataTransfer": dropped})
         page.wait_for_function("() => document.getElementById('loaded').textContent.startsWith('settings from clip.mp4')")
         assert (page.input_value("#seed"), page.input_value("#seconds"), page.input_value("#prompt")) == ("77", "1.2", SMALL["prompt"])
-        assert page.get_attribute("input.loaded[name=steps]", "value") == "3"
+        assert page.get_attribute("input.loaded[name=steps]", "value") == "3" and page.is_checked("#loop")
         assert page.get_attribute("input.loaded[name=size]", "value") == "64x48"
         assert page.text_content("#recorded").startswith("pick the start image (sha256 ")
         page.set_input_files("#image", str(SAMPLE_IMAGE))
