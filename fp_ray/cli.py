@@ -46,8 +46,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="start image (default: the sample image fp-ray ships)")
     p.add_argument("--prompt", help="text prompt; timestamped parts switch prompts per section: '0s: ...; 4s: ...'")
     p.add_argument("--end-image", help="end image (inverted or bidirectional schedule)")
-    p.add_argument("--loop", action="store_true", default=None,
-                   help="a seamless loop: the start image is also the end, the last frames crossfade into the first")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction,
+                   help="a seamless loop: the start image is also the end, the last frames crossfade into the first (--no-loop: off, e.g. with --from)")
     p.add_argument("--seconds", type=float, help=f"video length (default {d['seconds']})")
     p.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)} (default {d['schedule']})")
     p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")

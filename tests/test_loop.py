@@ -185,6 +185,8 @@ def test_render_from_a_loop_video_renders_the_loop_again(tmp_path):
     assert main(["render", "--from", str(out), "--out", str(again)]) == 0
     assert again.read_bytes() == out.read_bytes()
     assert read_frames(again).shape[0] == 4 * (1 + 2 * 2)  # 2 sections, looped
+    assert main(["render", "--from", str(out), "--no-loop", "--out", str(tmp_path / "plain.mp4")]) == 0
+    assert read_frames(tmp_path / "plain.mp4").shape[0] == 4 * 2 * 2 + 1
 
 
 def test_manifest_loop_column_and_a_bad_row(tmp_path):
