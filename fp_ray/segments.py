@@ -108,13 +108,13 @@ class Segments:
 
     async def _decode(self, k: int, needs: tuple[int, ...], done: Mapping[int, torch.Tensor]) -> None:
         plan, following = self.ctx.plan, next_chunk(self.ctx.plan, k)
-        # A one-chunk loop's tail starts its own segment: the left half makes it.
-        right = SegmentAction.SKIP if following == k else self._action(following, following, k)
         # The latents are read when the decode gets its slot, not when it is queued: a tail of
         # many queued chunks (the batch's decode stage, slow decoders) holds a few in memory.
         async with self._slots:
-            job = SegmentJob(self.shared, k, {p: done[p] for p in needs}, left=self._action(k, previous_chunk(plan, k), k), right=right)
-            await self._run(job)
+            left = self._action(k, previous_chunk(plan, k), k)
+            # a one-chunk loop's tail starts its own segment, which its left half makes
+            right = SegmentAction.SKIP if following == k else self._action(following, following, k)
+            await self._run(SegmentJob(self.shared, k, {p: done[p] for p in needs}, left=left, right=right))
         self.decoded.add(k)
         self._join_if_ready(k)
         if following is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fp_ray.cli import main
-from fp_ray.coordinator import run_render
+from fp_ray.coordinator import render_context, run_render
 from fp_ray.decode import decode_chunk, segment_frames, segment_pixels, soft_append, split_chunk, to_frames
 from fp_ray.encode import encode_request
 from fp_ray.generate import noise_stream
@@ -211,3 +211,23 @@ def test_progressive_loop_output_is_the_video(components, tmp_path):
                     progressive=tmp_path / "live.mp4", on_event=events.append)
     assert [e["segments"] for e in events if e["type"] == "prefix"] == [1, 2, 3]
     assert packets(tmp_path / "live.mp4") == packets(result.path)
+
+
+def test_loop_bytes_do_not_depend_on_decode_order(components, tmp_path):
+    """Every chunk decoded last-first: each seam, the wrap's too, is a join of two kept halves."""
+    from fp_ray.segments import finish_video
+    from test_segments import Reordered
+
+    request = make_request(**LOOP, seconds=0.8)
+    local = render(request, tmp_path / "local.mp4", components=components, keep_latents=True)
+    ctx = render_context(encode_request(components, request), "reordered", SectionStore(tmp_path / "store"))
+    w = ctx.plan.window
+    done = {p: local.latents[:, :, 1 + p * w : 1 + (p + 1) * w] for p in range(3)}
+    pools = Reordered(LocalPools.from_components(components), expected=3)
+
+    async def run():
+        return await finish_video(ctx, await pools.share(ctx), pools, done, tmp_path / "reordered.mp4")
+
+    where, _ = asyncio.run(run())
+    assert pools.order == [0, 1, 2]  # arrived in generation order, 2, 1, 0: run last-first
+    assert open(where, "rb").read() == local.path.read_bytes()
