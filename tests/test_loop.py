@@ -116,9 +116,9 @@ def mean_step(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
-@pytest.mark.parametrize("seconds", [0.27, 0.8])  # 1 and 3 sections
-def test_loop_video_is_the_cycle_and_its_end_runs_into_its_start(components, tmp_path, as_segments, seconds):
-    request = make_request(**LOOP, seconds=seconds)
+@pytest.mark.parametrize("schedule,seconds", [("inverted", 0.27), ("inverted", 0.8), ("bidirectional", 1.3)])  # 1, 3, 5 sections
+def test_loop_video_is_the_cycle(components, tmp_path, as_segments, schedule, seconds):
+    request = make_request(**LOOP, schedule=schedule, seconds=seconds)
     result = render(request, tmp_path / "loop.mp4", components=components, keep_latents=True)
     plan = result.plan
     expected = cyclic_frames(components, plan, result.latents)
