@@ -13,7 +13,7 @@ from fp_ray.cli import main
 from fp_ray.coordinator import render_context, run_render
 from fp_ray.decode import decode_chunk, segment_frames, segment_pixels, soft_append, split_chunk, to_frames
 from fp_ray.encode import encode_request
-from fp_ray.generate import noise_stream
+from fp_ray.generate import gather_context, noise_stream
 from fp_ray.render import LocalPools, render
 from fp_ray.request import RequestError, make_request
 from fp_ray.schedule import make_plan
@@ -100,6 +100,10 @@ def test_loop_end_is_the_start_latent_and_the_noise_stream_is_unchanged(componen
     looped_noise, plain_noise = (noise_stream(e.plan, e.cond, request.seed) for e in (looped, plain))
     assert torch.equal(looped_noise.draw(2), plain_noise.draw(2))
     assert looped.fingerprint != plain.fingerprint
+    # the last section (generated first) reads the start latent as the first frame of its future
+    clean = gather_context(looped.plan.section(2), looped.cond, {}).clean
+    assert torch.equal(clean[:, :, 1:2], looped.cond.start_latent)
+    assert not gather_context(plain.plan.section(2), plain.cond, {}).clean[:, :, 1:].any()
 
 
 def cyclic_frames(components, plan, latents: torch.Tensor) -> np.ndarray:
