@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
-           "cfg_rescale", "loras", "keyframes"}
+           "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),

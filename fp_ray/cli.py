@@ -46,6 +46,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="start image (default: the sample image fp-ray ships)")
     p.add_argument("--prompt", help="text prompt; timestamped parts switch prompts per section: '0s: ...; 4s: ...'")
     p.add_argument("--end-image", help="end image (inverted or bidirectional schedule)")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction,
+                   help="a seamless loop: the start image is also the end, the last frames crossfade into the first (--no-loop: off, e.g. with --from)")
     p.add_argument("--seconds", type=float, help=f"video length (default {d['seconds']})")
     p.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)} (default {d['schedule']})")
     p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")
@@ -86,7 +88,7 @@ def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
 
 
 REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
-                   "negative_prompt", "cfg_rescale", "seed", "resolution", "window", "fps", "crf", "model")
+                   "negative_prompt", "cfg_rescale", "seed", "resolution", "window", "fps", "crf", "model", "loop")
 
 
 def recorded_fields(args: argparse.Namespace) -> dict:
@@ -155,7 +157,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     width, height = frame_size(request, *load_image(request.image_path).size)
     plan = plan_request(request, width, height)
     tokens = plan.tokens()
-    print(f"schedule {plan.schedule}: {plan.num_sections} sections x {plan.window} latent frames, {width}x{height}, "
+    print(f"schedule {plan.schedule}{' (loop)' if plan.loop else ''}: {plan.num_sections} sections x {plan.window} latent frames, {width}x{height}, "
           f"{plan.pixel_frames} frames ({plan.pixel_frames / request.fps:.2f} s at {request.fps} fps)")
     print(f"context tokens per section: window {tokens.window} + clean {tokens.clean} + 2x {tokens.history_2x} "
           f"+ 4x {tokens.history_4x} = {tokens.total}")

@@ -9,6 +9,10 @@ two chunks, so the timeline cuts into segments at fixed places:
 
 Segment k is final once chunks k-1 and k are decoded, whatever order they decode in; its
 frames are those of the old whole-video fold, bit for bit (same ops on the same values).
+
+A loop is a cycle: the last chunk decodes across the wrap and has a tail too, and segment 0 =
+crossfade(tail N-1, lead 0), so the last frame runs into the first when the video repeats
+(one chunk: its tail crossfades into its own head).
 """
 
 from __future__ import annotations
@@ -29,14 +33,31 @@ def full_latents(plan: Plan, cond: Conditioning, done: Mapping[int, torch.Tensor
 
 
 def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """The latent frames `section`'s chunk decodes, its decode_span of the full video."""
+    """The latent frames `section`'s chunk decodes, its decode_span of the full video; in a
+    loop, frames past the end wrap round to the start latent and section 0."""
     start, stop = section.decode_span
-    first = min(section.decode_needs)
-    parts = [cond.start_latent] if start == 0 else []
-    parts += [done[p] for p in section.decode_needs]
-    span = torch.cat(parts, dim=2)
-    offset = 0 if start == 0 else 1 + first * plan.window
-    return span[:, :, start - offset : stop - offset]
+    parts, frame = [], start
+    while frame < stop:
+        at = frame % plan.latent_frames
+        source = cond.start_latent if at == 0 else done[(at - 1) // plan.window][:, :, (at - 1) % plan.window :]
+        parts.append(source[:, :, : stop - frame])
+        frame += parts[-1].shape[2]
+    return torch.cat(parts, dim=2)
+
+
+def previous_chunk(plan: Plan, segment: int) -> int | None:
+    """The chunk whose tail segment `segment` starts with: the one before; for segment 0 none,
+    or in a loop the last chunk (itself, when there is one)."""
+    if segment > 0:
+        return segment - 1
+    return plan.num_sections - 1 if plan.loop else None
+
+
+def next_chunk(plan: Plan, position: int) -> int | None:
+    """The chunk whose segment chunk `position`'s tail starts (None: it has no tail)."""
+    if position < plan.num_sections - 1:
+        return position + 1
+    return 0 if plan.loop else None
 
 
 # Peak memory of a spatially whole HunyuanVideo VAE decode in fp16, per pixel of frame area
@@ -88,15 +109,16 @@ def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int) -> t
 
 def split_chunk(plan: Plan, position: int, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lead, tail) of chunk `position`: the tail is what the next chunk crossfades into
-    (None for the last chunk)."""
-    if position == plan.num_sections - 1:
+    (None for the last chunk, unless the video loops)."""
+    if next_chunk(plan, position) is None:
         return chunk, None
     overlap = plan.overlap_frames
     return chunk[:, :, :-overlap], chunk[:, :, -overlap:]
 
 
 def segment_pixels(plan: Plan, lead: torch.Tensor, previous_tail: torch.Tensor | None) -> torch.Tensor:
-    """Segment k's pixels (1, 3, F, H, W): lead k, crossfaded from tail k-1 (None for k = 0)."""
+    """Segment k's pixels (1, 3, F, H, W): lead k, crossfaded from tail `previous_chunk(k)`
+    (None for segment 0 of a video that does not loop)."""
     return lead if previous_tail is None else soft_append(previous_tail, lead, plan.overlap_frames)
 
 
@@ -107,7 +129,7 @@ def segment_frames(plan: Plan) -> list[int]:
     for s in plan.by_position():
         start, stop = s.decode_span
         frames = 4 * (stop - start - 1) + 1
-        counts.append(frames - (overlap if s.position < plan.num_sections - 1 else 0))
+        counts.append(frames - (0 if next_chunk(plan, s.position) is None else overlap))
     return counts
 
 

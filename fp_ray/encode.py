@@ -65,22 +65,25 @@ class Conditioning:
     keyframe_embeds: tuple[torch.Tensor, ...] = ()
     start_embeds: torch.Tensor | None = None
     end_embeds: torch.Tensor | None = None
+    end_is_start: bool = False  # a loop: end_latent is start_latent itself, no draw of its own
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
         text = {k: v.cpu() for k, v in self.text.items()}
+        start = self.start_latent.cpu()
         cpu = lambda t: None if t is None else t.cpu()
+        end = start if self.end_is_start else cpu(self.end_latent)
         negative = None if self.negative is None else self.negative.cpu()
-        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(),
-                       end_latent=cpu(self.end_latent), negative=negative,
+        return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=start, end_latent=end, negative=negative,
                        keyframe_latents=tuple(t.cpu() for t in self.keyframe_latents),
                        keyframe_embeds=tuple(t.cpu() for t in self.keyframe_embeds),
                        start_embeds=cpu(self.start_embeds), end_embeds=cpu(self.end_embeds))
 
     @property
     def image_draws(self) -> int:
-        """Posterior samples encode() drew from the request's noise stream before any section."""
-        return 1 + (self.end_latent is not None) + len(self.keyframe_latents)
+        """Posterior samples encode() drew from the request's noise stream before any section
+        (a loop's end is its start latent, drawn once)."""
+        return 1 + (self.end_latent is not None and not self.end_is_start) + len(self.keyframe_latents)
 
 
 # Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
@@ -255,6 +258,7 @@ def plan_request(request: RenderRequest, width: int, height: int) -> Plan:
         request.seconds_per_section,
         has_end_image=request.end_image is not None,
         keyframes=request.keyframe_boundaries,
+        loop=request.loop,
     )
 
 
@@ -304,7 +308,8 @@ def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[Lor
     fingerprint it had before they existed."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
-    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes"})
+    # loop only when set: a request that does not loop keeps the fingerprint it had before loops
+    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes"} | (set() if request.loop else {"loop"}))
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
     if request.keyframes:
@@ -325,6 +330,8 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     # never read: cfg 1 makes no negative pass).
     negative = request.negative_prompt if request.cfg > 1 else None
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative, keys)
+    if request.loop:  # the end is the start latent itself, not a second posterior sample
+        cond = replace(cond, end_latent=cond.start_latent, end_is_start=True, end_embeds=cond.start_embeds)
     spec = c.spec
     provenance = Provenance(sha256(images[0]), None if images[1] is None else sha256(images[1]),
                             model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]),

@@ -62,7 +62,7 @@ def section_image_embeds(section: Section, cond: Conditioning) -> torch.Tensor:
 
 
 def noise_stream(plan: Plan, cond: Conditioning, seed: int) -> NoiseStream:
-    """The request's noise stream: the start (and end) image latent draws come first."""
+    """The request's noise stream: the image latent draws (start, end, keyframes) come first."""
     image_draws = [(tuple(cond.start_latent.shape), cond.vae_dtype)] * cond.image_draws
     shape = (1, LATENT_CHANNELS, plan.window, plan.latent_height, plan.latent_width)
     return NoiseStream(seed, image_draws, shape)

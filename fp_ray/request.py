@@ -154,6 +154,9 @@ class RenderRequest(BaseModel):
     loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
     # Images the video passes through, at times snapped to section boundaries (bidirectional only).
     keyframes: tuple[Keyframe, ...] = Field(default=(), max_length=MAX_KEYFRAMES)
+    # A video that plays seamlessly when repeated: the start image is also the end image and
+    # the last frames crossfade into the first (docs/loop.md).
+    loop: bool = False
 
     @field_validator("keyframes", "loras", mode="before")
     @classmethod
@@ -214,6 +217,11 @@ class RenderRequest(BaseModel):
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
         if self.keyframes:
             self.keyframe_boundaries  # snaps and checks them
+        if self.loop and self.end_image is not None:
+            raise ValueError("loop: the end image is the start image; drop end_image")
+        if self.loop and self.schedule == "forward":
+            raise ValueError("loop: needs the inverted or bidirectional schedule (the last section reads the start image "
+                             "as its future); forward has no future context")
         return self
 
     @property

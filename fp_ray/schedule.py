@@ -18,6 +18,10 @@ start image); the full latent video is [start image latent, section 0, ..., sect
   section at once, reading the keyframe after it as the end image is read; the section that
   starts at a keyframe (and any fill with no section to its left) reads the keyframe's
   latent as prefix, as the first section reads the start image's.
+
+A loop (inverted or bidirectional) is a cycle: the end image is the start image, so after
+section N-1 the video goes on with the start latent and section 0 again. The last chunk decodes
+across that wrap, and its tail crossfades into the first chunk (decode.py).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Plan:
     latent_height: int
     latent_width: int
     sections: tuple[Section, ...] = field(repr=False)  # in generation order
+    loop: bool = False  # the video is a cycle: section N-1 is followed by the start latent again
 
     @property
     def num_sections(self) -> int:
@@ -78,7 +83,9 @@ class Plan:
 
     @property
     def pixel_frames(self) -> int:
-        return (self.latent_frames - 1) * 4 + 1
+        # A loop's start latent sits mid-sequence (after section N-1), where a latent frame
+        # is 4 pixel frames, not the causal VAE's single first frame.
+        return 4 * self.latent_frames if self.loop else (self.latent_frames - 1) * 4 + 1
 
     @property
     def overlap_frames(self) -> int:
@@ -132,14 +139,19 @@ def _future_run(position: int, num_sections: int, done: set[int], window: int) -
     return tuple(run)
 
 
-def _decode_span(schedule: str, position: int, num_sections: int, window: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+def _decode_span(schedule: str, position: int, num_sections: int, window: int,
+                 loop: bool = False) -> tuple[tuple[int, int], tuple[int, ...]]:
     """Latent frames each section decodes, exactly as the reference soft-append consumes them.
 
     forward decodes its own window plus the previous one (section 0: start image + own);
     inverted/bidirectional decode their own window plus the next one (section 0 also
-    carries the start image; the last section decodes only its own window).
+    carries the start image; the last section decodes only its own window). In a loop the
+    last section decodes its window plus the next `window` frames of the cycle (the start
+    latent and section 0's first window-1 frames): frames past the video's end wrap.
     """
     own = 1 + position * window
+    if loop:
+        return (0 if position == 0 else own, own + 2 * window), tuple(dict.fromkeys((position, (position + 1) % num_sections)))
     if num_sections == 1:
         return (0, 1 + window), (0,)
     if schedule == "forward":
@@ -162,15 +174,20 @@ def make_plan(
     seconds_per_section: float,
     has_end_image: bool = False,
     keyframes: tuple[int, ...] = (),
+    loop: bool = False,
 ) -> Plan:
     """Build the section DAG of a request. `prompts` are (start seconds, text), sorted;
-    `keyframes`: the section boundary of each keyframe (bidirectional only), distinct, inside."""
+    `keyframes`: the section boundary of each keyframe (bidirectional only), distinct, inside.
+    `loop`: the end image is the start image, and the last chunk decodes across the wrap."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     if num_sections < 1:
         raise ValueError(f"a plan needs at least one section, got {num_sections}")
     if has_end_image and schedule == "forward":
         raise ValueError("an end image needs the inverted or bidirectional schedule; forward has no future context")
+    if loop and (schedule == "forward" or has_end_image):
+        raise ValueError("a loop needs the inverted or bidirectional schedule and no end image of its own (its end is the start)")
+    has_end_image = has_end_image or loop  # the start latent leads the last section's future
 
     if keyframes and schedule != "bidirectional":
         raise ValueError(f"keyframes need the bidirectional schedule, got {schedule}")
@@ -195,7 +212,7 @@ def make_plan(
 
     sections = []
     for order, (p, wave, layout, prefix, history, with_end) in enumerate(steps):
-        span, needs = _decode_span(schedule, p, num_sections, window)
+        span, needs = _decode_span(schedule, p, num_sections, window, loop)
         sections.append(
             Section(
                 position=p,
@@ -211,7 +228,7 @@ def make_plan(
                 anchors=anchors.get(p, (None, None)),
             )
         )
-    return Plan(schedule, window, latent_height, latent_width, tuple(sections))
+    return Plan(schedule, window, latent_height, latent_width, tuple(sections), loop)
 
 
 def _bidirectional(num_sections: int, window: int, has_end_image: bool, keyframes: tuple[int, ...],

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 
-from .decode import segment_frames
+from .decode import next_chunk, previous_chunk, segment_frames
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, join_segments
@@ -35,7 +35,8 @@ class Segments:
     """The video side of a render: decodes each chunk once its latents exist, has the
     segment on each seam made by whichever task sees both halves, publishes previews and the
     progressive prefix, and joins the segments when all exist. Segment k's frames depend on
-    chunks k-1 and k only, so boundaries and bytes do not depend on decode order."""
+    chunks k-1 and k only (in a loop segment 0 on the last chunk and chunk 0), so boundaries
+    and bytes do not depend on decode order."""
 
     def __init__(self, ctx: RenderContext, shared: Shared, pools: "Pools", emit: OnEvent,
                  preview_dir: str | Path | None = None, progressive: str | Path | None = None):
@@ -62,15 +63,17 @@ class Segments:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
 
     def _needs_decode(self, k: int) -> bool:
-        left = k not in self.made and (k == 0 or not self._has(k, "lead"))
-        right = k < self.n - 1 and k + 1 not in self.made and not self._has(k, "tail")
+        plan = self.ctx.plan
+        left = k not in self.made and (previous_chunk(plan, k) is None or not self._has(k, "lead"))
+        following = next_chunk(plan, k)
+        right = following is not None and following not in self.made and not self._has(k, "tail")
         return left or right
 
     def start(self) -> None:
         """Publish what a resumed render already has, and join seams both of whose chunks are done."""
         for k in sorted(self.made):
             self._published(k, 0.0)
-        for k in range(1, self.n):
+        for k in range(self.n):
             self._join_if_ready(k)
 
     def latents_ready(self, done: Mapping[int, torch.Tensor]) -> None:
@@ -86,30 +89,40 @@ class Segments:
 
     def will_read(self, position: int) -> bool:
         """Whether a chunk not yet submitted decodes section `position`'s latents."""
+        near = [position - 1, position, position + 1]
+        if self.ctx.plan.loop:  # the last chunk reads section 0
+            near = [k % self.n for k in near]
         return any(0 <= k < self.n and k not in self.submitted and position in self.ctx.plan.section(k).decode_needs
-                   for k in (position - 1, position, position + 1))
+                   for k in near)
 
     def _spawn(self, coro) -> None:
         self.tasks.append(asyncio.create_task(coro))
 
-    def _action(self, segment: int, neighbour: int) -> SegmentAction:
-        if segment in self.made or segment >= self.n:
+    def _action(self, segment: int | None, neighbour: int | None, decoding: int) -> SegmentAction:
+        """What chunk `decoding` does with its half of `segment`, whose other half is chunk
+        `neighbour`'s (None: there is none)."""
+        if segment is None or segment in self.made:
             return SegmentAction.SKIP
-        return SegmentAction.MAKE if neighbour < 0 or neighbour in self.decoded else SegmentAction.KEEP
+        ready = neighbour is None or neighbour == decoding or neighbour in self.decoded
+        return SegmentAction.MAKE if ready else SegmentAction.KEEP
 
     async def _decode(self, k: int, needs: tuple[int, ...], done: Mapping[int, torch.Tensor]) -> None:
+        plan, following = self.ctx.plan, next_chunk(self.ctx.plan, k)
         # The latents are read when the decode gets its slot, not when it is queued: a tail of
         # many queued chunks (the batch's decode stage, slow decoders) holds a few in memory.
         async with self._slots:
-            job = SegmentJob(self.shared, k, {p: done[p] for p in needs},
-                             left=self._action(k, k - 1), right=self._action(k + 1, k + 1))
-            await self._run(job)
+            left = self._action(k, previous_chunk(plan, k), k)
+            # a one-chunk loop's tail starts its own segment, which its left half makes
+            right = SegmentAction.SKIP if following == k else self._action(following, following, k)
+            await self._run(SegmentJob(self.shared, k, {p: done[p] for p in needs}, left=left, right=right))
         self.decoded.add(k)
         self._join_if_ready(k)
-        self._join_if_ready(k + 1)
+        if following is not None:
+            self._join_if_ready(following)
 
     def _join_if_ready(self, k: int) -> None:
-        if 0 < k < self.n and k not in self.made and k not in self.joining and {k - 1, k} <= self.decoded:
+        previous = previous_chunk(self.ctx.plan, k)
+        if previous is not None and k not in self.made and k not in self.joining and {previous, k} <= self.decoded:
             self.joining.add(k)
             self._spawn(self._run(SegmentJob(self.shared, k, None)))
 

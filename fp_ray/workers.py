@@ -20,7 +20,7 @@ from typing import AsyncIterator, Iterator, Mapping
 
 import torch
 
-from .decode import decode_chunk, decode_input, segment_pixels, split_chunk, to_frames
+from .decode import decode_chunk, decode_input, next_chunk, previous_chunk, segment_pixels, split_chunk, to_frames
 from .encode import Conditioning, Encoded, Images, encode_request
 from .generate import noise_stream, section_steps
 from .devices import memory_figures
@@ -132,7 +132,7 @@ class SegmentAction(str, Enum):
 @dataclass(frozen=True)
 class SegmentJob:
     """Decode chunk `position` (latents: the sections its span covers) and deal with its two
-    halves: the lead ends segment `position`, the tail starts segment `position + 1`.
+    halves: the lead ends segment `position`, the tail starts the next segment (`decode.next_chunk`).
     latents None: a join, both halves of segment `position` wait in the store."""
 
     shared: Shared
@@ -236,20 +236,23 @@ class DecoderWorker:
                 chunk = decode_chunk(self.components.vae, latents, self.components.device)
             lead, tail = split_chunk(ctx.plan, k, chunk)
         made = []
+        previous, following = previous_chunk(ctx.plan, k), next_chunk(ctx.plan, k)
         if job.left == SegmentAction.MAKE:
-            previous_tail = store.load(*ids, k - 1, "tail") if k > 0 else None
+            # a one-chunk loop crossfades its own tail into its head
+            previous_tail = tail if previous == k else None if previous is None else store.load(*ids, previous, "tail")
             made.append(self._make(ctx, store, k, lead, previous_tail))
         elif job.left == SegmentAction.KEEP:
             store.save(*ids, k, lead, "lead")
         if tail is not None and job.right == SegmentAction.MAKE:
-            made.append(self._make(ctx, store, k + 1, store.load(*ids, k + 1, "lead"), tail))
+            made.append(self._make(ctx, store, following, store.load(*ids, following, "lead"), tail))
         elif tail is not None and job.right == SegmentAction.KEEP:
             store.save(*ids, k, tail, "tail")
         return made
 
     @staticmethod
     def _make(ctx: RenderContext, store: SectionStore, k: int, lead: torch.Tensor, previous_tail: torch.Tensor | None) -> int:
-        if lead is None or (k > 0 and previous_tail is None):
+        previous = previous_chunk(ctx.plan, k)
+        if lead is None or (previous is not None and previous_tail is None):
             raise FileNotFoundError(f"segment {k} of render {ctx.request_id}: a seam half is missing from {ctx.store}")
         from .video import encode_segment  # PyAV: only where segments are encoded, not on every generator box
 
@@ -257,6 +260,6 @@ class DecoderWorker:
         ids = (ctx.request_id, ctx.fingerprint)
         write_bytes(store.location(*ids, k, "segment"), encode_segment(frames, ctx.request.fps, ctx.request.crf))
         delete(store.location(*ids, k, "lead"))
-        if k > 0:
-            delete(store.location(*ids, k - 1, "tail"))
+        if previous is not None:
+            delete(store.location(*ids, previous, "tail"))
         return k

@@ -122,6 +122,24 @@ class CoordinatorCrash(RuntimeError):
     pass
 
 
+def test_loop_on_actors_is_byte_identical_to_local_and_resumes(pools, components, tmp_path):
+    """The seam segment needs the last chunk and the first; a render stopped after its first
+    section and run again on the actors gives the local video's bytes."""
+    request = make_request(**REQUEST, window=2, seconds=0.8, loop=True)  # 3 sections
+    store = SectionStore(tmp_path / "sections")
+
+    def crash_after_one(e):
+        if e["type"] == "section_finished":
+            raise CoordinatorCrash
+
+    with pytest.raises(CoordinatorCrash):
+        asyncio.run(run_render(request, pools, out=tmp_path / "ray.mp4", store=store, request_id="loop", on_event=crash_after_one))
+    distributed, _ = ray_render(request, pools, out=tmp_path / "ray.mp4", store=store, request_id="loop")
+    assert distributed.reused == [2] and distributed.generated == [0, 1]
+    local = render(request, tmp_path / "local.mp4", components=components)
+    assert distributed.frames == local.frames == 28 and sha(distributed.path) == sha(local.path)
+
+
 def test_restarted_render_reuses_checkpointed_sections(pools, tmp_path):
     request = make_request(**REQUEST, seconds=4.8)
     store = SectionStore(tmp_path / "sections")

@@ -182,3 +182,16 @@ def test_manifest_keyframes_resolve_against_the_manifest(keys, tmp_path):
     request = pickle.loads(checked["text"]["payload"])
     assert request.keyframes[0].image == str(tmp_path / "k" / "pose.png")
     assert checked["text"]["record"]["fingerprint"] == checked["list"]["record"]["fingerprint"]
+
+
+def test_a_loop_with_keyframes_ends_its_last_span_on_the_start_image(components, keys, tmp_path):
+    request = make_request(**SMALL, seconds=1.2, loop=True, keyframes=f"0.4s:{keys}/mirror.png")
+    encoded = encode_request(components, request)
+    cond, last = encoded.cond, encoded.plan.section(2)
+    assert last.anchors == (0, None) and last.history_starts_with_end
+    done = {p: torch.randn(1, 16, 3, 6, 8) for p in range(3)}
+    assert torch.equal(gather_context(last, cond, done).clean[:, :, 1:2], cond.start_latent)
+    assert torch.allclose(section_image_embeds(last, cond), (cond.keyframe_embeds[0] + cond.start_embeds) / 2)
+    assert cond.image_draws == 2  # the start image, the keyframe: a loop's end is no draw of its own
+    video = render(request, tmp_path / "loop.mp4", components=components)
+    assert video.frames == encoded.plan.pixel_frames

@@ -175,13 +175,17 @@ def test_cancel_stops_the_work(app):
     ({**SMALL, "cfg": "2", "cfg_rescale": "3"}, "png", 422, "cfg_rescale: Input should be less than or equal to 1"),
     ({**SMALL, "negative_prompt": "blurry"}, "png", 422, "negative_prompt: needs cfg above 1"),
     ({**SMALL, "loras": "/etc/passwd:0.5"}, "png", 422, "unknown LoRA '/etc/passwd'; this server offers: none"),
+    ({**SMALL, "loop": "true"}, "png+end", 422, "loop: the end image is the start image; drop end_image"),
+    ({**SMALL, "loop": "true", "schedule": "forward"}, "png", 422, "loop: needs the inverted or bidirectional schedule"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(app, data, files, status, reason):
     client, _ = app
     upload = {"png": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png")},
               "text": {"image": ("a.png", b"hello", "image/png")},
               "huge": {"image": ("a.png", png_header_only(20000, 20000), "image/png")},
-              "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")}}.get(files)
+              "tiny": {"image": ("a.png", png_header_only(4, 400), "image/png")},
+              "png+end": {"image": ("a.png", SAMPLE_IMAGE.read_bytes(), "image/png"),
+                          "end_image": ("b.png", SAMPLE_IMAGE.read_bytes(), "image/png")}}.get(files)
     r = client.post("/v1/renders", data=data, files=upload)
     assert r.status_code == status and reason in r.json()["detail"], r.text
 
@@ -339,11 +343,12 @@ def test_web_page_renders_and_plays_the_video_in_chromium(app):
 
 def test_web_page_loads_settings_from_a_dropped_video(app):
     """Drop a finished video on the page: its settings fill the form, the page checks the
-    picked image against the recorded hash, and rendering again gives the same video."""
+    picked image against the recorded hash, and rendering again gives the same video (a loop:
+    its checkbox is ticked and sent again)."""
     from playwright.sync_api import sync_playwright
 
     client, _ = app
-    rid = submit(client, seconds="1.2", seed="77", steps="3")
+    rid = submit(client, seconds="1.2", seed="77", steps="3", loop="true")
     wait_until(client, rid, {"finished"})
     video = client.get(f"/v1/renders/{rid}/video.mp4").content
     make_file = """([b64, name, type]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -359,7 +364,7 @@ def test_web_page_loads_settings_from_a_dropped_video(app):
         page.dispatch_event("body", "drop", {"dataTransfer": dropped})
         page.wait_for_function("() => document.getElementById('loaded').textContent.startsWith('settings from clip.mp4')")
         assert (page.input_value("#seed"), page.input_value("#seconds"), page.input_value("#prompt")) == ("77", "1.2", SMALL["prompt"])
-        assert page.get_attribute("input.loaded[name=steps]", "value") == "3"
+        assert page.get_attribute("input.loaded[name=steps]", "value") == "3" and page.is_checked("#loop")
         assert page.get_attribute("input.loaded[name=size]", "value") == "64x48"
         assert page.text_content("#recorded").startswith("pick the start image (sha256 ")
         page.set_input_files("#image", str(SAMPLE_IMAGE))
