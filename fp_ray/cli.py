@@ -46,6 +46,9 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="start image (default: the sample image fp-ray ships)")
     p.add_argument("--prompt", help="text prompt; timestamped parts switch prompts per section: '0s: ...; 4s: ...'")
     p.add_argument("--end-image", help="end image (inverted or bidirectional schedule)")
+    p.add_argument("--extend", metavar="VIDEO",
+                   help="a clip to extend (path, URL or URI): --schedule forward continues it, inverted leads into it "
+                        "from --image; the output is the clip, untouched, and --seconds of new video, at the clip's size and fps")
     p.add_argument("--seconds", type=float, help=f"video length (default {d['seconds']})")
     p.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)} (default {d['schedule']})")
     p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")
@@ -82,7 +85,7 @@ def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
-REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
+REQUEST_OPTIONS = ("prompt", "image", "end_image", "extend", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
                    "negative_prompt", "cfg_rescale", "seed", "resolution", "window", "fps", "crf", "model")
 
 
@@ -95,6 +98,7 @@ def recorded_fields(args: argparse.Namespace) -> dict:
     fields = {k: v for k, v in record["request"].items() if k in known}
     fields["image"] = recorded_image(record, "image", args.image, "--image")
     fields["end_image"] = recorded_image(record, "end_image", args.end_image, "--end-image")
+    fields["extend"] = recorded_image(record, "extend", args.extend, "--extend")
     if record.get("fp_ray_version") != __version__:
         note(f"{args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is {__version__}: the video may differ")
     if args.model is None and isinstance(record.get("model"), dict):
@@ -125,6 +129,10 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     load_image(request.image_path, "image")
     if request.end_image:
         load_image(request.end_image, "end_image")
+    if request.extend:
+        from .extend import checked_request
+
+        request = checked_request(request)[0]  # the clip's size and fps
     if request.loras and speed_from_args(args).fp8:
         raise CliError("--lora: PEFT cannot wrap the FP8-quantized layers of --fp8 / --fast; drop them "
                        "(--compile and --cache-threshold work with LoRAs)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .encode import Conditioning
+from .extend import seam_context
 from .models import untiled
 from .schedule import Plan, Section
 
@@ -36,7 +37,9 @@ def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping
     parts += [done[p] for p in section.decode_needs]
     span = torch.cat(parts, dim=2)
     offset = 0 if start == 0 else 1 + first * plan.window
-    return span[:, :, start - offset : stop - offset]
+    span = span[:, :, start - offset : stop - offset]
+    context = seam_context(plan, section, cond)  # extending a clip forward: decode after its last frames
+    return span if context is None else torch.cat([context, span[:, :, 1:]], dim=2)
 
 
 # Peak memory of a spatially whole HunyuanVideo VAE decode in fp16, per pixel of frame area

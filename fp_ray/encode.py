@@ -59,14 +59,18 @@ class Conditioning:
     end_latent: torch.Tensor | None
     vae_dtype: torch.dtype = torch.float32  # the image-latent noise draws were taken in it
     negative: TextEmbedding | None = None  # the negative prompt's, when real guidance (cfg > 1) is on
+    # Extending a clip (extend.py): its latent frames next to the new part, (1, 16, T, h, w)
+    # float32, VAE-scaled: the clip's last frames (forward) or its first (inverted).
+    clip: torch.Tensor | None = None
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
         text = {k: v.cpu() for k, v in self.text.items()}
         end = None if self.end_latent is None else self.end_latent.cpu()
         negative = None if self.negative is None else self.negative.cpu()
+        clip = None if self.clip is None else self.clip.cpu()
         return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=self.start_latent.cpu(), end_latent=end,
-                       negative=negative)
+                       negative=negative, clip=clip)
 
 
 # Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
@@ -255,14 +259,20 @@ def read_request_images(request: RenderRequest) -> tuple[bytes, bytes | None]:
     return start, end
 
 
-def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None], loras: tuple[LoraFile, ...] = ()) -> str:
-    """Where the images and LoRAs came from does not change the video; their bytes (and the
-    LoRAs' weights) do. A request without LoRAs keeps the fingerprint it had before LoRAs."""
+def request_fingerprint(request: RenderRequest, images: tuple[bytes, bytes | None], loras: tuple[LoraFile, ...] = (),
+                        clip_sha256: str | None = None) -> str:
+    """Where the images, LoRAs and the clip to extend came from does not change the video;
+    their bytes (and the LoRAs' weights) do. A request without LoRAs or clip keeps the
+    fingerprint it had before them."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
-    text = request.model_dump_json(exclude={"image", "end_image", "loras"})
+    if (clip_sha256 is None) != (request.extend is None):
+        raise ValueError("the fingerprint of an extension needs the clip's hash (and only an extension has one)")
+    text = request.model_dump_json(exclude={"image", "end_image", "loras", "extend"})
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
+    if clip_sha256:
+        text += f"clip:{clip_sha256}"
     return fingerprint(text, *images)
 
 
@@ -271,6 +281,10 @@ def encode_request(c: Components, request: RenderRequest, images: tuple[bytes, b
     """Plan and encode `request`; `images` are its image bytes when the caller read them
     already, `loras` its LoRAs' files (None: found as paths or hub ids)."""
     loras = LoraRegistry().resolve(request.loras) if loras is None else loras
+    if request.extend is not None:
+        from .extend import encode_extension  # it builds on this module
+
+        return encode_extension(c, request, images or read_request_images(request), loras)
     start_bytes, end_bytes = images or read_request_images(request)
     start = decode_image(start_bytes, "image", request.image_path)
     end = decode_image(end_bytes, "end_image", request.end_image) if end_bytes is not None else None

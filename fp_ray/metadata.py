@@ -91,6 +91,7 @@ class Provenance:
     image_sha256: str
     end_image_sha256: str | None
     model: dict
+    extend_sha256: str | None = None  # the clip a video extends (extend.py)
 
 
 def portable_source(location: str | None) -> str | None:
@@ -111,8 +112,13 @@ def render_metadata(request: RenderRequest, provenance: Provenance, sources: tup
     if Path(request.model).expanduser().resolve() == TINY_CHECKPOINT:
         fields["model"] = None
     end = None if provenance.end_image_sha256 is None else {"sha256": provenance.end_image_sha256}
-    return {"format": FORMAT, "fp_ray_version": __version__, "request": fields,
-            "images": {"image": {"sha256": provenance.image_sha256}, "end_image": end}, "model": provenance.model}
+    images = {"image": {"sha256": provenance.image_sha256}, "end_image": end}
+    if provenance.extend_sha256 is not None:
+        # like an image: its hash, and its path where the caller gave one (Serve keeps an
+        # upload or fetched clip in its own storage: known by hash only)
+        images["extend"] = {"sha256": provenance.extend_sha256}
+        fields["extend"] = portable_source(request.extend) if sources is None else None
+    return {"format": FORMAT, "fp_ray_version": __version__, "request": fields, "images": images, "model": provenance.model}
 
 
 def dumps(metadata: dict) -> str:
@@ -186,7 +192,7 @@ def recorded_image(record: dict, key: str, given: str | None, flag: str) -> str 
     if image is None:
         return None
     want, source = image["sha256"], record["request"].get(key)
-    what = "start image" if key == "image" else "end image"
+    what = {"image": "start image", "end_image": "end image", "extend": "clip to extend"}[key]
     if source is None:
         if key == "image" and want == sha256(SAMPLE_IMAGE.read_bytes()):
             return None

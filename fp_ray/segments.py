@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 
 from .decode import segment_frames
+from .extend import with_clip
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, join_segments
@@ -185,11 +186,12 @@ class Segments:
         re-encode; the render record goes in its tags and, once the mp4 is in place, in the
         sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
+        parts = with_clip(self.ctx.request, self.segments())  # an extended clip's own frames, before or after
         if not is_uri(out):
-            join_segments(self.segments(), out, fps, self._tags())
+            join_segments(parts, out, fps, self._tags())
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps, self._tags())
+                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
                 write_bytes(str(out), local.read_bytes())
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
