@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fp_ray import SAMPLE_IMAGE
+from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
 from fp_ray.cli import main
 from fp_ray.encode import encode_request
 from fp_ray.extend import ClipError, context_frames, encode_clip
@@ -171,3 +171,23 @@ def test_unreadable_clip_fails_before_anything_is_written(components, tmp_path):
     with pytest.raises(ClipError, match="file not found"):
         render(make_request(**NEW, schedule="forward", extend=str(tmp_path / "gone.mp4")), tmp_path / "o.mp4", components=components)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_manifest_extend_column(clip, tmp_path):
+    """A manifest's `extend` is relative to the manifest, as images are; the row takes the
+    clip's size and the clip's bytes are part of its fingerprint; a missing clip is that row's error."""
+    import pickle
+    import shutil
+
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "clips").mkdir()
+    shutil.copy(clip, tmp_path / "clips" / "a.mp4")
+    row = dict(prompt="a quiet valley", schedule="forward", seconds=0.8, window=2, steps=2)
+    rows = [{"id": "ext", **row, "extend": "clips/a.mp4"}, {"id": "gone", **row, "extend": "clips/gone.mp4"}, {"id": "plain", **row}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checked = {r["id"]: r for r in check_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), str(TINY_CHECKPOINT))}
+    assert checked["gone"]["payload"] is None and "file not found" in checked["gone"]["record"]["error"]
+    request = pickle.loads(checked["ext"]["payload"])
+    assert request.extend == str(tmp_path / "clips" / "a.mp4") and (request.width, request.height, request.fps) == (64, 64, 30)
+    assert checked["ext"]["record"]["fingerprint"] != checked["plain"]["record"]["fingerprint"]
