@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import AsyncIterator, Callable
 
 from fp_ray.coordinator import Pools, RenderFailed, WorkerLost, run_render
 from fp_ray.encode import ImageError
+from fp_ray.extend import ClipError, checked_request
 from fp_ray.lora import LoraRegistry
 from fp_ray.records import TERMINAL, UNFINISHED, RenderRecords
 from fp_ray.request import RenderRequest, RequestError
@@ -195,9 +197,11 @@ class RenderService:
                 log.info("replica %s takes over render %s", self.replica, rid)
                 await self._start(rid, RenderRequest(**record["request"]), owner)
 
-    async def submit(self, request: RenderRequest, image: bytes, end_image: bytes | None, client: str | None = None) -> str:
+    async def submit(self, request: RenderRequest, image: bytes | None, end_image: bytes | None, client: str | None = None,
+                     clip: bytes | None = None) -> str:
         """Admit, store the inputs, record the render and start it; returns its id at once.
-        LoraError: a LoRA this service does not offer."""
+        LoraError: a LoRA this service does not offer; ClipError: a clip to extend it cannot use
+        (`clip`: its bytes; `image` may then be None, extending forward from the clip's first frame)."""
         self.loras.check(request.loras)
         cap = self.config
         if await self.db(self.records.count_unfinished) >= cap.max_queued:
@@ -205,11 +209,19 @@ class RenderService:
         if client is not None and await self.db(self.records.count_unfinished, client) >= cap.max_per_client:
             raise Busy(f"token {client!r} has {cap.max_per_client} renders queued or running; retry later", cap.retry_after_s)
         rid = uuid.uuid4().hex[:16]
-        fields = {"image": str(self.image_path(rid, "start")), "model": self.model}
+        fields = {"image": str(self.image_path(rid, "start")) if image is not None else None, "model": self.model}
         if end_image is not None:
             fields["end_image"] = str(self.image_path(rid, "end"))
-        await asyncio.to_thread(self._store_inputs, rid, image, end_image)
+        if clip is not None:  # the clip's path is the server's own, never one a user gave
+            fields["extend"] = str(self.image_path(rid, "clip.mp4"))
+        await asyncio.to_thread(self._store_inputs, rid, image, end_image, clip)
         request = request.model_copy(update=fields)
+        if clip is not None:
+            try:  # the clip's size and fps become the request's
+                request = (await asyncio.to_thread(checked_request, request))[0]
+            except ClipError as e:
+                await asyncio.to_thread(shutil.rmtree, self.folder(rid), True)
+                raise ClipError(str(e).replace(repr(fields["extend"]), "the upload")) from None  # no server paths
         owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
         await self.db(self.records.create, rid, request.model_dump(), client)
         await self.db(self.records.claim, rid, owner, self.config.lease_s)
@@ -217,11 +229,11 @@ class RenderService:
         await self._start(rid, request, owner)
         return rid
 
-    def _store_inputs(self, rid: str, image: bytes, end_image: bytes | None) -> None:
+    def _store_inputs(self, rid: str, image: bytes | None, end_image: bytes | None, clip: bytes | None = None) -> None:
         self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)
-        self.image_path(rid, "start").write_bytes(image)
-        if end_image is not None:
-            self.image_path(rid, "end").write_bytes(end_image)
+        for name, data in (("start", image), ("end", end_image), ("clip.mp4", clip)):
+            if data is not None:
+                self.image_path(rid, name).write_bytes(data)
 
     async def _start(self, rid: str, request: RenderRequest, owner: str) -> None:
         # the new owner's token stops any section an earlier owner still has in flight
@@ -230,7 +242,11 @@ class RenderService:
         self.metrics.queue_depth.inc()
         render.task = asyncio.get_running_loop().create_task(self._run(render, request))
 
-    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes, bytes | None]:
+    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes, bytes | None] | None:
+        if request.extend is not None and not Path(request.extend).is_file():
+            raise InputsGone(f"render {rid}: its clip to extend is gone from storage; delete it and submit again")
+        if request.image is None:  # extending forward from the clip's first frame: the encoder reads what it needs
+            return None
         try:
             return (self.image_path(rid, "start").read_bytes(),
                     self.image_path(rid, "end").read_bytes() if request.end_image else None)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -191,3 +192,40 @@ def test_manifest_extend_column(clip, tmp_path):
     request = pickle.loads(checked["ext"]["payload"])
     assert request.extend == str(tmp_path / "clips" / "a.mp4") and (request.width, request.height, request.fps) == (64, 64, 30)
     assert checked["ext"]["record"]["fingerprint"] != checked["plain"]["record"]["fingerprint"]
+
+
+def test_serve_extends_an_uploaded_clip_and_refuses_paths(components, clip, tmp_path):
+    """On the service a clip comes as an upload (or extend_url), like an image: a path in the
+    fields is refused, a clip it cannot use is a 422 that names no server path, and a forward
+    extension needs no start image."""
+    from fastapi.testclient import TestClient
+
+    from fp_ray.render import LocalPools
+    from serving.api import bind_service, make_api
+    from serving.service import RenderService
+
+    bind_service(RenderService(LocalPools.from_components(components), str(TINY_CHECKPOINT), str(tmp_path / "srv")))
+    fields = {"prompt": "a lake", "schedule": "forward", "steps": "2", "window": "2", "seconds": "0.8", "sampler": "euler"}
+    upload = {"extend": ("clip.mp4", clip.read_bytes(), "video/mp4")}
+    with TestClient(make_api()) as client:
+        r = client.post("/v1/renders", data={**fields, "extend": str(clip)}, files={"image": ("s.png", SAMPLE_IMAGE.read_bytes())})
+        assert r.status_code == 422 and "unknown fields ['extend']" in r.json()["detail"]
+        r = client.post("/v1/renders", data=fields, files={"extend": ("clip.mp4", b"not a video", "video/mp4")})
+        assert r.status_code == 422 and "the upload" in r.json()["detail"] and str(tmp_path) not in r.json()["detail"]
+        r = client.post("/v1/renders", data={**fields, "schedule": "inverted"}, files=upload)
+        assert r.status_code == 422 and "needs an image" in r.json()["detail"]
+        r = client.post("/v1/renders", data=fields, files=upload)
+        assert r.status_code == 202, r.text
+        rid = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while (record := client.get(f"/v1/renders/{rid}").json())["status"] not in ("finished", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)  # polling a status endpoint, as a client does
+        assert record["status"] == "finished", record
+        assert "extend" not in record["request"] and record["request"]["width"] == 64
+        video = client.get(f"/v1/renders/{rid}/video.mp4").content
+    (tmp_path / "out.mp4").write_bytes(video)
+    original = read_frames(clip)
+    out = read_frames(tmp_path / "out.mp4")
+    assert len(out) == len(original) + 24 and np.array_equal(out[: len(original)], original)
+    assert read_metadata(tmp_path / "out.mp4")["request"]["extend"] is None  # an upload: known by its hash
