@@ -16,7 +16,7 @@ from .decode import segment_frames
 from .extend import with_clip
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, join_segments
+from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Segments:
         self.prefix = 0  # segments [0, prefix) are in the progressive output
         self._progressive_path = Path(progressive) if progressive is not None else None
         self._progressive: SegmentJoiner | None = None
+        self.frames_written: int | None = None  # the mp4's frames, once written (an extension's clip too)
 
     def _has(self, k: int, kind: str) -> bool:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
@@ -188,10 +189,11 @@ class Segments:
         fps = self.ctx.request.fps
         parts = with_clip(self.ctx.request, self.segments())  # an extended clip's own frames, before or after
         if not is_uri(out):
-            join_segments(parts, out, fps, self._tags())
+            self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+                self.frames_written = frame_count(local)
                 write_bytes(str(out), local.read_bytes())
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
@@ -199,9 +201,9 @@ class Segments:
 
 
 async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done: Mapping[int, torch.Tensor],
-                       out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float]]:
+                       out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float], int]:
     """The coordinator's tail for sections generated elsewhere (the batch's stages): make
-    every segment and write the mp4. Returns (where, timings)."""
+    every segment and write the mp4. Returns (where, timings, frames written)."""
     segments = Segments(ctx, shared, pools, emit)
     t = time.perf_counter()
     try:
@@ -213,6 +215,6 @@ async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done:
         raise
     t_write = time.perf_counter()
     where = await asyncio.to_thread(segments.write, out)
-    return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}
+    return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}, segments.frames_written
 
 

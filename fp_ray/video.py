@@ -124,6 +124,12 @@ def join_segments(segments: Iterable[bytes | str], path: str | Path, fps: int, m
     return Path(path)
 
 
+def frame_count(path: str | Path) -> int:
+    """Frames of a video fp-ray wrote, from its header (the mp4's sample table; nothing decoded)."""
+    with av.open(str(path)) as container:
+        return container.streams.video[0].frames
+
+
 def read_frames(path: str | Path | io.BytesIO) -> np.ndarray:
     """Decode a video (a file or its bytes in a BytesIO) to (F, H, W, 3) uint8 RGB."""
     with av.open(path if isinstance(path, io.BytesIO) else str(path)) as container:

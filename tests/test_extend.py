@@ -41,6 +41,7 @@ def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp
     original, out = read_frames(clip), read_frames(result.path)
     plan = result.plan
     assert out.shape == (len(original) + 4 * plan.num_sections * plan.window, 64, 64, 3) == (49, 64, 64, 3)
+    assert result.frames == 49
     assert np.array_equal(out[: len(original)], original)  # packets copied: bit-exact
     record = read_metadata(result.path)
     assert record["images"]["extend"]["sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
@@ -52,7 +53,7 @@ def test_backward_extension_ends_on_the_clip(components, clip, tmp_path):
     request = make_request(**NEW, schedule="inverted", image=str(SAMPLE_IMAGE), extend=str(clip))
     result = render(request, tmp_path / "out.mp4", components=components)
     original, out = read_frames(clip), read_frames(result.path)
-    assert out.shape[0] == len(original) + result.plan.pixel_frames == 50
+    assert out.shape[0] == len(original) + result.plan.pixel_frames == result.frames == 50
     assert np.array_equal(out[-len(original):], original)
 
 
@@ -229,3 +230,21 @@ def test_serve_extends_an_uploaded_clip_and_refuses_paths(components, clip, tmp_
     out = read_frames(tmp_path / "out.mp4")
     assert len(out) == len(original) + 24 and np.array_equal(out[: len(original)], original)
     assert read_metadata(tmp_path / "out.mp4")["request"]["extend"] is None  # an upload: known by its hash
+
+
+def test_extension_on_ray_actors_is_byte_identical_to_local(ray_cluster, components, clip, tmp_path):
+    import asyncio
+
+    from fp_ray.actors import PoolConfig, RayPools
+    from fp_ray.coordinator import run_render
+
+    request = make_request(**NEW, schedule="forward", extend=str(clip))
+    pools = RayPools(str(TINY_CHECKPOINT), PoolConfig(generators=1, decoders=1))
+    try:
+        pools.wait_ready()
+        distributed = asyncio.run(run_render(request, pools, out=tmp_path / "ray.mp4"))
+    finally:
+        pools.shutdown()
+    local = render(request, tmp_path / "local.mp4", components=components)
+    assert distributed.path.read_bytes() == local.path.read_bytes()
+    assert len(read_frames(distributed.path)) == len(read_frames(clip)) + 24
