@@ -298,15 +298,18 @@ def clip_frames(path: Path) -> Iterator[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
-def with_clip(request: RenderRequest, segments: Iterable[bytes]) -> Iterator[bytes | str]:
+def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool = True, end: bool = True) -> Iterator[bytes | str]:
     """The parts of the output in time order: the new segments, with the clip before them
-    (forward) or after them (inverted), as a local mp4 path whose packets join with theirs."""
-    if request.extend is None:
+    (forward) or after them (inverted), as a local mp4 path whose packets join with theirs.
+    `start` / `end`: whether these segments begin / end the new part (a progressive output
+    gets them one at a time); the clip goes only where it touches them."""
+    segments = iter(segments)
+    clip_first = forward(request) and start
+    if request.extend is None or not (clip_first or (not forward(request) and end)):
         yield from segments
         return
     from .video import encode_frames
 
-    segments = iter(segments)
     first = next(segments)
     with local_clip(request.extend) as path, tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
         clip = str(path)
@@ -316,9 +319,9 @@ def with_clip(request: RenderRequest, segments: Iterable[bytes]) -> Iterator[byt
                 encode_frames(clip_frames(path), clip, request.fps, request.crf)
             except _av_errors():
                 raise ClipError(f"extend: {excerpt(request.extend, 120)}: is corrupt (a frame does not decode)") from None
-        if forward(request):
+        if clip_first:
             yield clip
         yield first
         yield from segments
-        if not forward(request):
+        if not clip_first:
             yield clip

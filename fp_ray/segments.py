@@ -145,7 +145,8 @@ class Segments:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        self._progressive.append(read_bytes(self._location(k)))
+        for part in with_clip(self.ctx.request, [read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
+            self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
 

@@ -37,8 +37,10 @@ def foreign_clip(path, frames: np.ndarray, fps: int = 30, crf: int = 30):
 
 
 def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp_path):
-    result = render(make_request(**NEW, schedule="forward", extend=str(clip)), tmp_path / "out.mp4", components=components)
+    result = render(make_request(**NEW, schedule="forward", extend=str(clip)), tmp_path / "out.mp4", components=components,
+                    progressive=tmp_path / "live.mp4")
     original, out = read_frames(clip), read_frames(result.path)
+    assert np.array_equal(read_frames(tmp_path / "live.mp4"), out)  # the progressive output starts with the clip too
     plan = result.plan
     assert out.shape == (len(original) + 4 * plan.num_sections * plan.window, 64, 64, 3) == (49, 64, 64, 3)
     assert result.frames == 49
@@ -51,8 +53,9 @@ def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp
 
 def test_backward_extension_ends_on_the_clip(components, clip, tmp_path):
     request = make_request(**NEW, schedule="inverted", image=str(SAMPLE_IMAGE), extend=str(clip))
-    result = render(request, tmp_path / "out.mp4", components=components)
+    result = render(request, tmp_path / "out.mp4", components=components, progressive=tmp_path / "live.mp4")
     original, out = read_frames(clip), read_frames(result.path)
+    assert np.array_equal(read_frames(tmp_path / "live.mp4"), out)
     assert out.shape[0] == len(original) + result.plan.pixel_frames == result.frames == 50
     assert np.array_equal(out[-len(original):], original)
 
