@@ -185,23 +185,50 @@ def context_frames(window: int) -> int:
     return max(HISTORY_FRAMES, window)
 
 
-def read_context(path: Path, what: str, at_end: bool, latent_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first frame (H, W, 3), context frames (F, H, W, 3)) uint8 of the clip, decoded as it
-    streams: at_end, its last 4k+1 frames (k <= latent_frames), else its first; the clip is
-    decoded through once and never held whole."""
+SEEK_MARGIN_S = 4.0  # decoded before the last frames a forward extension needs: covers a GOP or two
+
+
+def _decode(container, frames: collections.deque, stop_when_full: bool) -> np.ndarray | None:
+    """Append the container's frames (from where it stands) to `frames`; the first one decoded."""
+    first = None
+    for frame in container.decode(video=0):
+        frames.append(frame.to_ndarray(format="rgb24"))
+        first = frames[-1] if first is None else first
+        if stop_when_full and len(frames) == frames.maxlen:
+            break
+    return first
+
+
+def _tail_start(container, keep: int) -> float:
+    """Seconds into the clip from which its last `keep` frames, and a margin, are decoded
+    (0: decode it all)."""
     import av
 
-    keep = 4 * latent_frames + 1
-    frames: collections.deque[np.ndarray] = collections.deque(maxlen=keep)
-    first = None
+    seconds = float(container.duration / av.time_base) if container.duration else 0.0
+    rate = float(container.streams.video[0].average_rate or 0)
+    return max(0.0, seconds - keep / rate - SEEK_MARGIN_S) if rate and seconds else 0.0
+
+
+def read_context(path: Path, what: str, at_end: bool, latent_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first frame (H, W, 3), context frames (F, H, W, 3)) uint8 of the clip, decoded as it
+    streams: at_end, its last 4k+1 frames (k <= latent_frames), else its first. A long clip is
+    not decoded through for its end: it is entered at the keyframe before its last seconds
+    (and decoded whole only when that seek did not land early enough)."""
+    import av
+
+    frames: collections.deque[np.ndarray] = collections.deque(maxlen=4 * latent_frames + 1)
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                pixels = frame.to_ndarray(format="rgb24")
-                first = pixels if first is None else first
-                frames.append(pixels)
-                if not at_end and len(frames) == keep:
-                    break
+            start_s, first = _tail_start(container, frames.maxlen) if at_end else 0.0, None
+            stream = container.streams.video[0]
+            if start_s > 0 and stream.time_base:
+                first = _decode(container, collections.deque(maxlen=1), True)
+                container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+                _decode(container, frames, False)
+        if len(frames) < frames.maxlen:  # a short clip, its start, or a seek that landed too late (odd timestamps)
+            frames.clear()
+            with av.open(str(path)) as container:
+                first = _decode(container, frames, not at_end)
     except _av_errors():
         raise ClipError(f"{what}: is corrupt (a frame does not decode)") from None
     if first is None:

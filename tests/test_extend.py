@@ -251,3 +251,25 @@ def test_extension_on_ray_actors_is_byte_identical_to_local(ray_cluster, compone
     local = render(request, tmp_path / "local.mp4", components=components)
     assert distributed.path.read_bytes() == local.path.read_bytes()
     assert len(read_frames(distributed.path)) == len(read_frames(clip)) + 24
+
+
+def test_the_end_of_a_long_clip_is_read_without_decoding_it_all(tmp_path, monkeypatch):
+    """A forward extension reads a long clip's last frames after a seek: the same frames as a
+    decode from the start (and its first frame), with far fewer frames decoded."""
+    import av
+
+    from fp_ray import extend
+
+    y, x = np.mgrid[0:32, 0:32]
+    frames = np.stack([np.stack([x * 8, y * 8, np.full_like(x, t)], axis=-1) % 256 for t in range(1200)]).astype(np.uint8)
+    path = foreign_clip(tmp_path / "long.mp4", frames, fps=30, crf=16)  # 40 s, keyframes every 250 frames
+    decoded = []
+    to_ndarray = av.VideoFrame.to_ndarray
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", lambda self, **kw: decoded.append(1) or to_ndarray(self, **kw))
+    first, tail = extend.read_context(path, "clip", True, context_frames(2))
+    assert len(decoded) < 400
+    monkeypatch.undo()
+    whole = read_frames(path)
+    assert np.array_equal(first, whole[0]) and np.array_equal(tail, whole[-77:])
+    first, head = extend.read_context(path, "clip", False, context_frames(2))
+    assert np.array_equal(head, whole[:77])
