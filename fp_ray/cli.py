@@ -150,6 +150,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     tokens = plan.tokens()
     print(f"schedule {plan.schedule}: {plan.num_sections} sections x {plan.window} latent frames, {width}x{height}, "
           f"{plan.pixel_frames} frames ({plan.pixel_frames / request.fps:.2f} s at {request.fps} fps)")
+    if request.extend:  # the new part's frames; the clip's are kept as they are
+        where = "after" if request.schedule == "forward" else "before"
+        print(f"extends {request.extend}: {plan.pixel_frames - (where == 'after')} new frames {where} its own, which read its "
+              f"{'last' if where == 'after' else 'first'} latent frames as context")
     print(f"context tokens per section: window {tokens.window} + clean {tokens.clean} + 2x {tokens.history_2x} "
           f"+ 4x {tokens.history_4x} = {tokens.total}")
     print(f"{'order':>5} {'pos':>4} {'wave':>4} {'padding':>7} {'gap':>4}  {'prefix':<8} {'history':<14} {'depends on':<12} {'decode':<10} prompt")

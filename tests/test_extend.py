@@ -130,6 +130,7 @@ def bad_clips(tmp_path, clip):
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(clip.read_bytes()[:1200])
     odd = foreign_clip(tmp_path / "odd.mp4", np.zeros((5, 40, 64, 3), np.uint8))
+    wide = foreign_clip(tmp_path / "wide.mp4", np.zeros((1, 32, 2064, 3), np.uint8))
     audio = tmp_path / "audio.m4a"
     import av
 
@@ -145,6 +146,7 @@ def bad_clips(tmp_path, clip):
         (truncated, [], "not a video|corrupt|has no frames"),
         (audio, [], "has no video stream"),
         (odd, [], "multiple of 16"),
+        (wide, [], "2064x32.*between 32 and 2048"),
         (clip, ["--size", "128x64"], "not the clip's 64x64"),
         (clip, ["--fps", "24"], "not the clip's 30 fps"),
     ]
