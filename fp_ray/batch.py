@@ -29,6 +29,7 @@ import ray
 from .actors import PoolConfig
 from .coordinator import SectionLatents, generate_sections, render_context
 from .encode import decode_request_images, read_request_images, request_fingerprint
+from .extend import checked_request
 from .lora import LoraRegistry
 from .models import ModelSpec
 from .placement import check_placement
@@ -41,7 +42,7 @@ from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContex
 
 log = logging.getLogger(__name__)
 
-COLUMNS = {"id", "prompt", "image", "end_image", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
+COLUMNS = {"id", "prompt", "image", "end_image", "extend", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
            "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
            "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -94,6 +95,7 @@ def row_request(row: dict, base: str, model: str) -> RenderRequest:
         fields["width"], fields["height"] = parse_size(str(size))
     fields["image"] = _resolve(fields.get("image"), base)
     fields["end_image"] = _resolve(fields.get("end_image"), base)
+    fields["extend"] = _resolve(fields.get("extend"), base)
     request = make_request(**fields, model=model)
     # A LoRA path relative to the manifest, as images are; anything else stays a path or hub id.
     here = [c.model_copy(update={"name": _resolve(c.name, base)}) if not is_uri(base) and (Path(base) / c.name).exists()
@@ -223,7 +225,10 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
         request = row_request(row, base, model)
         images = read_request_images(request)
         decode_request_images(request, images)
-        fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras))
+        clip_sha256 = None
+        if request.extend:  # the clip's size and fps become the row's; its bytes part of the fingerprint
+            request, clip_sha256 = checked_request(request)
+        fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras), clip_sha256)
         earlier = previous_record(out, rid, fp)
     except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
@@ -309,8 +314,7 @@ class DecodeStage(RowStage):
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         ctx = pickle.loads(payload)
         done = SectionLatents.stored(ctx, range(ctx.plan.num_sections))
-        output, timings = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
-        frames = ctx.plan.pixel_frames
+        output, timings, frames = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
         record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
                       decode_s=timings["decode"], write_s=timings["write"])
         return self.ended(record)

@@ -48,6 +48,9 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--end-image", help="end image (inverted or bidirectional schedule)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction,
                    help="a seamless loop: the start image is also the end, the last frames crossfade into the first (--no-loop: off, e.g. with --from)")
+    p.add_argument("--extend", metavar="VIDEO",
+                   help="a clip to extend (path, URL or URI): --schedule forward continues it, inverted leads into it "
+                        "from --image; the output is the clip, untouched, and --seconds of new video, at the clip's size and fps")
     p.add_argument("--seconds", type=float, help=f"video length (default {d['seconds']})")
     p.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)} (default {d['schedule']})")
     p.add_argument("--sampler", help=f"unipc | euler (default {d['sampler']})")
@@ -87,7 +90,7 @@ def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
 
 
-REQUEST_OPTIONS = ("prompt", "image", "end_image", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
+REQUEST_OPTIONS = ("prompt", "image", "end_image", "extend", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",
                    "negative_prompt", "cfg_rescale", "seed", "resolution", "window", "fps", "crf", "model", "loop")
 
 
@@ -101,6 +104,7 @@ def recorded_fields(args: argparse.Namespace) -> dict:
     fields["image"] = recorded_image(record, "image", args.image, "--image")
     fields["end_image"] = recorded_image(record, "end_image", args.end_image, "--end-image")
     fields["keyframes"] = recorded_keyframes(record, args.keyframe)
+    fields["extend"] = recorded_image(record, "extend", args.extend, "--extend")
     if record.get("fp_ray_version") != __version__:
         note(f"{args.source} was rendered with fp-ray {record.get('fp_ray_version')}, this is {__version__}: the video may differ")
     if args.model is None and isinstance(record.get("model"), dict):
@@ -142,6 +146,10 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     for k, b in zip(request.keyframes, request.keyframe_boundaries):
         if abs(k.at - b * request.seconds_per_section) > 1e-6:
             note(f"keyframe {k.at:g}s snaps to section boundary {b}, at {b * request.seconds_per_section:g}s")
+    if request.extend:
+        from .extend import checked_request
+
+        request = checked_request(request)[0]  # the clip's size and fps
     if request.loras and speed_from_args(args).fp8:
         raise CliError("--lora: PEFT cannot wrap the FP8-quantized layers of --fp8 / --fast; drop them "
                        "(--compile and --cache-threshold work with LoRAs)")
@@ -159,6 +167,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     tokens = plan.tokens()
     print(f"schedule {plan.schedule}{' (loop)' if plan.loop else ''}: {plan.num_sections} sections x {plan.window} latent frames, {width}x{height}, "
           f"{plan.pixel_frames} frames ({plan.pixel_frames / request.fps:.2f} s at {request.fps} fps)")
+    if request.extend:  # the new part's frames; the clip's are kept as they are
+        where = "after" if request.schedule == "forward" else "before"
+        print(f"extends {request.extend}: {plan.pixel_frames - (where == 'after')} new frames {where} its own, which read its "
+              f"{'last' if where == 'after' else 'first'} latent frames as context")
     print(f"context tokens per section: window {tokens.window} + clean {tokens.clean} + 2x {tokens.history_2x} "
           f"+ 4x {tokens.history_4x} = {tokens.total}")
     key = lambda i: f"key{i}"

@@ -293,9 +293,10 @@ async def run_render(
     timings = {"encode": t_encoded - t0, "generate": t_generated - t_encoded, "decode": t_decoded - t_generated,
                "write": t_end - t_decoded, "total": t_end - t0, "generate_busy": generate_s,
                "decode_overlap": max(0.0, t_generated - (segments.first_decode or t_generated))}
-    emit({"type": "finished", "request_id": rid, "path": path, "frames": ctx.plan.pixel_frames, "timings": timings})
+    frames = segments.frames_written  # an extension's clip included
+    emit({"type": "finished", "request_id": rid, "path": path, "frames": frames, "timings": timings})
     return RenderResult(
         path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=latents,
-        frames=ctx.plan.pixel_frames, request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
+        frames=frames, request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
         generated=sorted(set(done) - set(reused)), reused=reused, segments_reused=segments.reused, timings=timings,
     )

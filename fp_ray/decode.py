@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .encode import Conditioning
+from .extend import seam_context
 from .models import untiled
 from .schedule import Plan, Section
 
@@ -42,7 +43,9 @@ def decode_input(plan: Plan, section: Section, cond: Conditioning, done: Mapping
         source = cond.start_latent if at == 0 else done[(at - 1) // plan.window][:, :, (at - 1) % plan.window :]
         parts.append(source[:, :, : stop - frame])
         frame += parts[-1].shape[2]
-    return torch.cat(parts, dim=2)
+    span = torch.cat(parts, dim=2)
+    context = seam_context(plan, section, cond)  # extending a clip forward: decode after its last frames
+    return span if context is None else torch.cat([context, span[:, :, 1:]], dim=2)
 
 
 def previous_chunk(plan: Plan, segment: int) -> int | None:

@@ -66,6 +66,9 @@ class Conditioning:
     start_embeds: torch.Tensor | None = None
     end_embeds: torch.Tensor | None = None
     end_is_start: bool = False  # a loop: end_latent is start_latent itself, no draw of its own
+    # Extending a clip (extend.py): its latent frames next to the new part, (1, 16, T, h, w)
+    # float32, VAE-scaled: the clip's last frames (forward) or its first (inverted).
+    clip: torch.Tensor | None = None
 
     def cpu(self) -> "Conditioning":
         """A copy on the CPU, to hand to other processes (actors, the object store)."""
@@ -77,12 +80,12 @@ class Conditioning:
         return replace(self, text=text, image_embeds=self.image_embeds.cpu(), start_latent=start, end_latent=end, negative=negative,
                        keyframe_latents=tuple(t.cpu() for t in self.keyframe_latents),
                        keyframe_embeds=tuple(t.cpu() for t in self.keyframe_embeds),
-                       start_embeds=cpu(self.start_embeds), end_embeds=cpu(self.end_embeds))
+                       start_embeds=cpu(self.start_embeds), end_embeds=cpu(self.end_embeds), clip=cpu(self.clip))
 
     @property
     def image_draws(self) -> int:
         """Posterior samples encode() drew from the request's noise stream before any section
-        (a loop's end is its start latent, drawn once)."""
+        (a loop's end is its start latent, drawn once; an extended clip is encoded without a draw)."""
         return 1 + (self.end_latent is not None and not self.end_is_start) + len(self.keyframe_latents)
 
 
@@ -302,18 +305,22 @@ def decode_request_images(request: RenderRequest, images: Images) -> tuple[Image
     return start, end, keys
 
 
-def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[LoraFile, ...] = ()) -> str:
-    """Where the images and LoRAs came from does not change the video; their bytes (and the
-    LoRAs' weights, the keyframes' times) do. A request without LoRAs or keyframes keeps the
-    fingerprint it had before they existed."""
+def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[LoraFile, ...] = (),
+                        clip_sha256: str | None = None) -> str:
+    """Where the images, LoRAs and the clip to extend came from does not change the video;
+    their bytes (and the LoRAs' weights, the keyframes' times) do. A request without LoRAs,
+    keyframes, loop or clip keeps the fingerprint it had before they existed."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
-    # loop only when set: a request that does not loop keeps the fingerprint it had before loops
-    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes"} | (set() if request.loop else {"loop"}))
+    if (clip_sha256 is None) != (request.extend is None):
+        raise ValueError("the fingerprint of an extension needs the clip's hash (and only an extension has one)")
+    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes", "extend"} | (set() if request.loop else {"loop"}))
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
     if request.keyframes:
         text += json.dumps({"keyframes": [k.at for k in request.keyframes]})
+    if clip_sha256:
+        text += f"clip:{clip_sha256}"
     return fingerprint(text, *images)
 
 
@@ -323,6 +330,10 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     already, `loras` its LoRAs' files (None: found as paths or hub ids)."""
     loras = LoraRegistry().resolve(request.loras) if loras is None else loras
     images = images or read_request_images(request)
+    if request.extend is not None:
+        from .extend import encode_extension  # it builds on this module
+
+        return encode_extension(c, request, images, loras)
     start, end, keys = decode_request_images(request, images)
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)

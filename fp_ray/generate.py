@@ -27,8 +27,12 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
     """
     start = cond.start_latent
     n1, n2, n4 = HISTORY_SIZES
+    # An extended clip (extend.py) is the past before section 0 (forward) or the future after the
+    # last section (inverted): a section whose history runs up to it reads on into it; one whose
+    # history is full already cuts it off below.
+    clip = [] if cond.clip is None else [cond.clip]
     if section.layout.order == "forward":
-        past = torch.cat([start] + [done[p] for p in section.history], dim=2)[:, :, -HISTORY_FRAMES:]
+        past = torch.cat([start] + clip + [done[p] for p in section.history], dim=2)[:, :, -HISTORY_FRAMES:]
         past = F.pad(past, (0, 0, 0, 0, HISTORY_FRAMES - past.shape[2], 0))
         four, two, one = past.split([n4, n2, n1], dim=2)
         prefix = start
@@ -36,7 +40,7 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
         left, right = section.anchors
         left_anchor = start if left is None else cond.keyframe_latents[left]
         right_anchor = cond.end_latent if right is None else cond.keyframe_latents[right]
-        parts = ([right_anchor] if section.history_starts_with_end else []) + [done[p] for p in section.history]
+        parts = ([right_anchor] if section.history_starts_with_end else []) + [done[p] for p in section.history] + clip
         future = torch.cat(parts, dim=2)[:, :, :HISTORY_FRAMES] if parts else start[:, :, :0]
         future = F.pad(future, (0, 0, 0, 0, 0, HISTORY_FRAMES - future.shape[2]))
         one, two, four = future.split([n1, n2, n4], dim=2)

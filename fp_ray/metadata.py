@@ -93,6 +93,7 @@ class Provenance:
     model: dict
     keyframe_sha256: tuple[str, ...] = ()  # in the request's order
     lora_sha256: tuple[str, ...] = ()  # the LoRA files', in the request's order
+    extend_sha256: str | None = None  # the clip a video extends (extend.py)
 
 
 def portable_source(location: str | None) -> str | None:
@@ -120,6 +121,11 @@ def render_metadata(request: RenderRequest, provenance: Provenance, sources: tup
     images = {"image": {"sha256": provenance.image_sha256}, "end_image": end}
     if provenance.keyframe_sha256:
         images["keyframes"] = [{"sha256": h} for h in provenance.keyframe_sha256]
+    if provenance.extend_sha256 is not None:
+        # like an image: its hash, and its path where the caller gave one (Serve keeps an
+        # upload or fetched clip in its own storage: known by hash only)
+        images["extend"] = {"sha256": provenance.extend_sha256}
+        fields["extend"] = portable_source(request.extend) if sources is None else None
     record = {"format": FORMAT, "fp_ray_version": __version__, "request": fields, "images": images, "model": provenance.model}
     if provenance.lora_sha256:
         record["loras"] = [{"name": c.name, "weight": c.weight, "sha256": h} for c, h in zip(request.loras, provenance.lora_sha256)]
@@ -196,7 +202,7 @@ def recorded_image(record: dict, key: str, given: str | None, flag: str) -> str 
     image = record["images"].get(key)
     if image is None:
         return None
-    what = "start image" if key == "image" else "end image"
+    what = {"image": "start image", "end_image": "end image", "extend": "clip to extend"}[key]
     return _unchanged_source(image["sha256"], record["request"].get(key), key, what, flag)
 
 
@@ -212,16 +218,27 @@ def recorded_keyframes(record: dict, given: list[str] | None, flag: str = "--key
             for k, h in zip(recorded, hashes)]
 
 
+def _source_sha256(source: str) -> str:
+    """sha256 of a file's bytes, a local one read in chunks (a clip to extend may be gigabytes)."""
+    if is_uri(source):
+        return sha256(read_bytes(source))
+    h = hashlib.sha256()
+    with open(Path(source).expanduser(), "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _unchanged_source(want: str, source: str | None, key: str, what: str, flag: str) -> str | None:
     if source is None:
         if key == "image" and want == sha256(SAMPLE_IMAGE.read_bytes()):
             return None
         raise MetadataError(f"{flag}: the video does not say where its {what} is (sha256 {want[:16]}...); give it with {flag}")
     try:
-        data = read_bytes(source)
+        got = _source_sha256(source)
     except OSError:
         raise MetadataError(f"{flag}: the {what} {excerpt(source, 120)} is gone; give it with {flag}") from None
-    if sha256(data) != want:
+    if got != want:
         raise MetadataError(f"{flag}: the {what} {excerpt(source, 120)} has changed since the render "
-                            f"(sha256 {sha256(data)[:16]}..., recorded {want[:16]}...); give the original with {flag}")
+                            f"(sha256 {got[:16]}..., recorded {want[:16]}...); give the original with {flag}")
     return source

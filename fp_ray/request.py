@@ -129,6 +129,9 @@ class RenderRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     image: str | None = None  # path; None renders the sample image the package ships
     end_image: str | None = None
+    # A clip to extend (path, http(s) URL or pyarrow.fs URI; extend.py): the forward schedule
+    # continues it, inverted leads into it. `seconds` is then the length of the new part.
+    extend: str | None = None
     seconds: float = Field(default=5.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     schedule: Literal["forward", "inverted", "bidirectional"] = "inverted"
     sampler: Literal["unipc", "euler"] = "unipc"
@@ -222,6 +225,16 @@ class RenderRequest(BaseModel):
         if self.loop and self.schedule == "forward":
             raise ValueError("loop: needs the inverted or bidirectional schedule (the last section reads the start image "
                              "as its future); forward has no future context")
+        if self.extend is not None:
+            if self.end_image is not None:
+                raise ValueError("extend: give a clip to extend or an end_image, not both (extending backward, the clip's first frame is the end image)")
+            if self.schedule == "bidirectional":
+                raise ValueError("extend: the forward schedule continues a clip, inverted leads into it; bidirectional cannot extend one")
+            if self.schedule == "inverted" and self.image is None:
+                raise ValueError("extend: the inverted schedule extends the clip backward and needs an image to start from; "
+                                 "give one, or use the forward schedule to continue the clip")
+            if self.loop:
+                raise ValueError("extend: a loop ends on its own start image, an extension on the clip; give one of loop and extend")
         return self
 
     @property

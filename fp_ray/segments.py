@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 
 from .decode import next_chunk, previous_chunk, segment_frames
+from .extend import with_clip
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, join_segments
+from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class Segments:
         self.prefix = 0  # segments [0, prefix) are in the progressive output
         self._progressive_path = Path(progressive) if progressive is not None else None
         self._progressive: SegmentJoiner | None = None
+        self.frames_written: int | None = None  # the mp4's frames, once written (an extension's clip too)
 
     def _has(self, k: int, kind: str) -> bool:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
@@ -156,7 +158,8 @@ class Segments:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        self._progressive.append(read_bytes(self._location(k)))
+        for part in with_clip(self.ctx.request, [read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
+            self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
 
@@ -198,11 +201,13 @@ class Segments:
         re-encode; the render record goes in its tags and, once the mp4 is in place, in the
         sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
+        parts = with_clip(self.ctx.request, self.segments())  # an extended clip's own frames, before or after
         if not is_uri(out):
-            join_segments(self.segments(), out, fps, self._tags())
+            self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                local = join_segments(self.segments(), Path(tmp) / "video.mp4", fps, self._tags())
+                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+                self.frames_written = frame_count(local)
                 write_bytes(str(out), local.read_bytes())
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
@@ -210,9 +215,9 @@ class Segments:
 
 
 async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done: Mapping[int, torch.Tensor],
-                       out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float]]:
+                       out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float], int]:
     """The coordinator's tail for sections generated elsewhere (the batch's stages): make
-    every segment and write the mp4. Returns (where, timings)."""
+    every segment and write the mp4. Returns (where, timings, frames written)."""
     segments = Segments(ctx, shared, pools, emit)
     t = time.perf_counter()
     try:
@@ -224,6 +229,6 @@ async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done:
         raise
     t_write = time.perf_counter()
     where = await asyncio.to_thread(segments.write, out)
-    return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}
+    return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}, segments.frames_written
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import tempfile
 from fractions import Fraction
@@ -39,8 +40,13 @@ def _atomic(path: str | Path) -> Iterator[str]:
         raise
 
 
-def _encode(frames: np.ndarray, target, fps: int, crf: int) -> None:
-    frames_count, height, width, _ = frames.shape
+def encode_frames(frames: Iterable[np.ndarray], target, fps: int, crf: int) -> int:
+    """Encode (H, W, 3) uint8 frames one at a time (a stream of any length) as an mp4 at
+    `target` (a path or a file object); returns the frame count."""
+    frames = iter(frames)
+    first = next(frames)
+    height, width, _ = first.shape
+    count = 0
     with av.open(target, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = width, height
@@ -49,19 +55,21 @@ def _encode(frames: np.ndarray, target, fps: int, crf: int) -> None:
         # mbtree off: with it x264 gave different bytes for the same frames from run to
         # run (seen at every size tried); renders must be byte-identical wherever they run.
         stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS), "x264-params": "mbtree=0"}
-        for i in range(frames_count):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-            frame.pts = i  # explicit timestamps: the encoder must not guess them
+        for pixels in itertools.chain([first], frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = count  # explicit timestamps: the encoder must not guess them
             for packet in stream.encode(frame):
                 container.mux(packet)
+            count += 1
         for packet in stream.encode():
             container.mux(packet)
+    return count
 
 
 def encode_segment(frames: np.ndarray, fps: int, crf: int) -> bytes:
     """(F, H, W, 3) uint8 -> the bytes of an mp4 (a segment: a few MB, starts on a keyframe)."""
     buffer = io.BytesIO()
-    _encode(frames, buffer, fps, crf)
+    encode_frames(frames, buffer, fps, crf)
     return buffer.getvalue()
 
 
@@ -77,11 +85,12 @@ class SegmentJoiner:
         self.stream = None
         self.frames = 0
 
-    def append(self, segment: bytes) -> int:
-        """Mux one segment after those before; returns its frame count."""
+    def append(self, segment: bytes | str) -> int:
+        """Mux one segment (its bytes, or the path of a local mp4 read as it streams) after
+        those before; returns its frame count."""
         frame_time = Fraction(1, self.fps)
         count = 0
-        with av.open(io.BytesIO(segment)) as source:
+        with av.open(io.BytesIO(segment) if isinstance(segment, bytes) else segment) as source:
             src = source.streams.video[0]
             if self.stream is None:
                 self.stream = self.container.add_stream_from_template(src)
@@ -103,7 +112,7 @@ class SegmentJoiner:
         self.container.close()
 
 
-def join_segments(segments: Iterable[bytes], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
+def join_segments(segments: Iterable[bytes | str], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
     """The segments in order as one mp4 (moov at the front, with the `metadata` tags), written atomically."""
     with _atomic(path) as tmp:
         joiner = SegmentJoiner(tmp, fps, FASTSTART, metadata)
@@ -113,6 +122,12 @@ def join_segments(segments: Iterable[bytes], path: str | Path, fps: int, metadat
         finally:
             joiner.close()
     return Path(path)
+
+
+def frame_count(path: str | Path) -> int:
+    """Frames of a video fp-ray wrote, from its header (the mp4's sample table; nothing decoded)."""
+    with av.open(str(path)) as container:
+        return container.streams.video[0].frames
 
 
 def read_frames(path: str | Path | io.BytesIO) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 
 from .decode import decode_chunk, decode_input, next_chunk, previous_chunk, segment_pixels, split_chunk, to_frames
 from .encode import Conditioning, Encoded, Images, encode_request
+from .extend import without_clip_frames
 from .generate import noise_stream, section_steps
 from .devices import memory_figures
 from .lora import LoraFile, LoraRegistry
@@ -232,8 +233,9 @@ class DecoderWorker:
             lead, tail = store.load(*ids, k, "lead"), None
         else:
             with decode_stream(self.components.device):  # overlaps the generator's kernels on a shared GPU
-                latents = decode_input(ctx.plan, ctx.plan.section(k), ctx.cond, job.latents)
-                chunk = decode_chunk(self.components.vae, latents, self.components.device)
+                section = ctx.plan.section(k)
+                latents = decode_input(ctx.plan, section, ctx.cond, job.latents)
+                chunk = without_clip_frames(ctx.plan, section, ctx.cond, decode_chunk(self.components.vae, latents, self.components.device))
             lead, tail = split_chunk(ctx.plan, k, chunk)
         made = []
         previous, following = previous_chunk(ctx.plan, k), next_chunk(ctx.plan, k)

@@ -26,7 +26,8 @@ from serving.fetch import FetchRefused, fetch_image_bytes
 from serving.service import Busy, RenderService
 
 STATIC = Path(__file__).parent / "static"
-FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "model"}
+# image, end_image and extend come as uploads or URLs only: a request never names a server path
+FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "extend", "model"}
 MAX_DETAIL = 300  # characters of a reason; a bad value is shown as an excerpt
 MAX_SIZE_TEXT = 32
 
@@ -105,13 +106,13 @@ def check_image(data: bytes, what: str) -> None:
 KEYFRAME_PART = re.compile(r"^keyframe_(\d+(?:\.\d+)?)s?$")
 
 
-async def fetched_image(url, svc: RenderService, what: str) -> bytes:
-    """An image URL's bytes, checked; 422 with the same reason for a refused URL or what it returned."""
+async def fetched(url, svc: RenderService, what: str, check=check_image) -> bytes:
+    """An http(s) URL's bytes, checked; 422 with the same reason for a refused URL or what it returned."""
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise HTTPException(422, f"{what}: must be an http(s) URL, got {excerpt(str(url), 44)}")
     try:
         data = await fetch_image_bytes(url, svc.fetch, what)
-        await asyncio.to_thread(check_image, data, what)
+        await asyncio.to_thread(check, data, what)
         return data
     except (FetchRefused, HTTPException):  # what came back stays as unknown as a refused URL
         raise HTTPException(422, str(FetchRefused(what, ""))) from None
@@ -139,26 +140,27 @@ async def read_keyframes(fields: dict, uploads: dict[float, bytes], svc: RenderS
             at = float(k["at"])
         except ValueError:
             raise HTTPException(422, f"keyframes: a time is a number of seconds, got {excerpt(k['at'], 30)}") from None
-        items.append((at, await fetched_image(k.get("image_url", k.get("image")), svc, f"keyframes[{at:g}s]")))
+        items.append((at, await fetched(k.get("image_url", k.get("image")), svc, f"keyframes[{at:g}s]")))
     items.sort(key=lambda item: item[0])
     return [{"at": at, "image": "upload"} for at, _ in items], [data for _, data in items]
 
 
-async def read_body(request: Request) -> tuple[dict, tuple[bytes | None, ...]]:
-    """(fields, images) from a multipart form or a JSON body: images are the start image's
-    bytes, the end image's (or None), then each keyframe's, as fields["keyframes"] orders them."""
+async def read_body(request: Request) -> tuple[dict, dict[str, bytes | None], list[bytes]]:
+    """(fields, {image, end_image, extend: bytes or None}, keyframe bytes) from a multipart
+    form or a JSON body. `extend` is a clip to extend (a file, or extend_url), checked where
+    the service stores it; the keyframes' bytes are in the order fields["keyframes"] lists them."""
     svc = service(request)
     limit = svc.max_upload_bytes
     length = request.headers.get("content-length", "")
     if length.isdigit() and len(length) < 20 and int(length) > limit:
         raise HTTPException(413, f"request body is {int(length)} bytes; the limit is {limit}")
     kind = request.headers.get("content-type", "")
-    images: dict[str, bytes | None] = {"image": None, "end_image": None}
+    images: dict[str, bytes | None] = {"image": None, "end_image": None, "extend": None}
     uploads: dict[float, bytes] = {}
     body = capped(request, limit)
     try:
         if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            form = await body.form(max_files=2 + MAX_KEYFRAMES, max_fields=64)
+            form = await body.form(max_files=3 + MAX_KEYFRAMES, max_fields=64)
             fields = {}
             for key, value in form.multi_items():
                 if key in images and hasattr(value, "read"):
@@ -173,23 +175,25 @@ async def read_body(request: Request) -> tuple[dict, tuple[bytes | None, ...]]:
             raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
-    for key in ("image", "end_image"):
+    for key in images:
         url = fields.pop(f"{key}_url", None)
+        # a clip is checked where it is stored (serving/service.py), as a file PyAV can stream
+        check = (lambda data, what: None) if key == "extend" else check_image
         if images[key] is None and url:
-            images[key] = await fetched_image(url, svc, f"{key}_url")
+            images[key] = await fetched(url, svc, f"{key}_url", check)
         elif images[key] is not None:
-            await asyncio.to_thread(check_image, images[key], key)
-    if images["image"] is None:
+            await asyncio.to_thread(check, images[key], key)
+    if images["image"] is None and images["extend"] is None:  # extending forward, the clip's first frame can start
         raise HTTPException(422, "image: upload a file named 'image' or give image_url")
     for at, data in uploads.items():
         await asyncio.to_thread(check_image, data, f"keyframe_{at:g}s")
     keyframes, key_bytes = await read_keyframes(fields, uploads, svc)
     if keyframes:
         fields["keyframes"] = keyframes
-    return fields, (images["image"], images["end_image"], *key_bytes)
+    return fields, images, key_bytes
 
 
-def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
+def to_request(fields: dict, images: dict[str, bytes | None]) -> RenderRequest:
     unknown = set(fields) - FIELDS - {"size"}
     if unknown:
         shown = sorted(excerpt(str(k), 24) for k in unknown)[:5]
@@ -201,7 +205,7 @@ def to_request(fields: dict, end_image: bytes | None) -> RenderRequest:
                 raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(str(size), 24)}")
             fields["width"], fields["height"] = parse_size(size)
         # a placeholder path: the service stores the uploads and points the request at them
-        placeholders = {"image": "upload", "end_image": "upload" if end_image is not None else None}
+        placeholders = {key: "upload" if data is not None else None for key, data in images.items()}
         return make_request(**fields, **placeholders)
     except (RequestError, ValueError, TypeError) as e:  # ValueError: e.g. an int of 5000 digits
         raise HTTPException(422, str(e)) from None
@@ -257,7 +261,7 @@ def sse(seq: int, event: dict) -> str:
 
 def public(record: dict, base: str) -> dict:
     """A record as the API shows it: no server paths, no owner."""
-    request = {k: v for k, v in record["request"].items() if k not in ("image", "end_image", "model")}
+    request = {k: v for k, v in record["request"].items() if k not in ("image", "end_image", "extend", "model")}
     rid = record["id"]
     links = {"self": f"{base}/v1/renders/{rid}", "events": f"{base}/v1/renders/{rid}/events"}
     if record["status"] == "finished":
@@ -296,18 +300,21 @@ def make_api() -> FastAPI:
 
     @api.post("/v1/renders", status_code=202)
     async def submit(request: Request):
-        """Multipart: `image` (file), optional `end_image` (file), and the request fields
+        """Multipart: `image` (file), optional `end_image` (file), optional `extend` (a video file
+        to extend: forward continues it, and then `image` may be left out; inverted leads into it),
+        and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
         fps, crf, cache_threshold, cfg, negative_prompt, cfg_rescale, loras: "name:weight, ..." of the
-        names GET /v1/loras lists). JSON: the same fields with `image_url` (http/https); loras also as
+        names GET /v1/loras lists). JSON: the same fields with `image_url` (http/https; also
+        `end_image_url`, `extend_url`); loras also as
         [{name, weight}]."""
         client = authorize(request)
         svc = service(request)
-        fields, images = await read_body(request)
-        render_request = to_request(fields, images[1])
+        fields, images, key_bytes = await read_body(request)
+        render_request = to_request(fields, images)
         try:
-            rid = await svc.submit(render_request, images, client)
-        except RequestError as e:  # a LoRA the server does not offer
+            rid = await svc.submit(render_request, (images["image"], images["end_image"], *key_bytes), client, clip=images["extend"])
+        except RequestError as e:  # a LoRA the server does not offer, a clip it cannot extend
             raise HTTPException(422, str(e)) from None
         except Busy as e:
             svc.metrics.rejected.labels("renders").inc()
@@ -333,7 +340,7 @@ def make_api() -> FastAPI:
             record = await asyncio.to_thread(parse_metadata, data, "the upload")
         except MetadataError as e:
             raise HTTPException(422, str(e)) from None
-        images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image")}
+        images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
         return {"fields": form_fields(record), "images": images, "fp_ray_version": record.get("fp_ray_version")}
 
     @api.get("/v1/renders")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import AsyncIterator, Callable
 
 from fp_ray.coordinator import Pools, RenderFailed, WorkerLost, run_render
 from fp_ray.encode import ImageError
+from fp_ray.extend import ClipError, checked_request
 from fp_ray.lora import LoraRegistry
 from fp_ray.records import TERMINAL, UNFINISHED, RenderRecords
 from fp_ray.request import RenderRequest, RequestError
@@ -195,9 +197,12 @@ class RenderService:
                 log.info("replica %s takes over render %s", self.replica, rid)
                 await self._start(rid, RenderRequest(**record["request"]), owner)
 
-    async def submit(self, request: RenderRequest, images: tuple[bytes | None, ...], client: str | None = None) -> str:
+    async def submit(self, request: RenderRequest, images: tuple[bytes | None, ...], client: str | None = None,
+                     clip: bytes | None = None) -> str:
         """Admit, store the inputs, record the render and start it; returns its id at once.
-        LoraError: a LoRA this service does not offer."""
+        `images`: the start image's bytes, the end image's, then each keyframe's (None: not given).
+        LoraError: a LoRA this service does not offer; ClipError: a clip to extend it cannot use
+        (`clip`: its bytes; the start image may then be None, extending forward from the clip's first frame)."""
         self.loras.check(request.loras)
         cap = self.config
         if await self.db(self.records.count_unfinished) >= cap.max_queued:
@@ -205,13 +210,21 @@ class RenderService:
         if client is not None and await self.db(self.records.count_unfinished, client) >= cap.max_per_client:
             raise Busy(f"token {client!r} has {cap.max_per_client} renders queued or running; retry later", cap.retry_after_s)
         rid = uuid.uuid4().hex[:16]
-        fields = {"image": str(self.image_path(rid, "start")), "model": self.model,
+        fields = {"image": str(self.image_path(rid, "start")) if images[0] is not None else None, "model": self.model,
                   "keyframes": tuple(k.model_copy(update={"image": str(self.image_path(rid, f"keyframe_{i}"))})
                                      for i, k in enumerate(request.keyframes))}
         if images[1] is not None:
             fields["end_image"] = str(self.image_path(rid, "end"))
-        await asyncio.to_thread(self._store_inputs, rid, images)
+        if clip is not None:  # the clip's path is the server's own, never one a user gave
+            fields["extend"] = str(self.image_path(rid, "clip.mp4"))
+        await asyncio.to_thread(self._store_inputs, rid, images, clip)
         request = request.model_copy(update=fields)
+        if clip is not None:
+            try:  # the clip's size and fps become the request's
+                request = (await asyncio.to_thread(checked_request, request))[0]
+            except ClipError as e:
+                await asyncio.to_thread(shutil.rmtree, self.folder(rid), True)
+                raise ClipError(str(e).replace(repr(fields["extend"]), "the upload")) from None  # no server paths
         owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
         await self.db(self.records.create, rid, request.model_dump(), client)
         await self.db(self.records.claim, rid, owner, self.config.lease_s)
@@ -219,9 +232,9 @@ class RenderService:
         await self._start(rid, request, owner)
         return rid
 
-    def _store_inputs(self, rid: str, images: tuple[bytes | None, ...]) -> None:
+    def _store_inputs(self, rid: str, images: tuple[bytes | None, ...], clip: bytes | None = None) -> None:
         self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)
-        for name, data in zip(self._input_names(len(images) - 2), images):
+        for name, data in [*zip(self._input_names(len(images) - 2), images), ("clip.mp4", clip)]:
             if data is not None:
                 self.image_path(rid, name).write_bytes(data)
 
@@ -236,7 +249,11 @@ class RenderService:
         self.metrics.queue_depth.inc()
         render.task = asyncio.get_running_loop().create_task(self._run(render, request))
 
-    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes | None, ...]:
+    def _read_inputs(self, rid: str, request: RenderRequest) -> tuple[bytes | None, ...] | None:
+        if request.extend is not None and not Path(request.extend).is_file():
+            raise InputsGone(f"render {rid}: its clip to extend is gone from storage; delete it and submit again")
+        if request.image is None:  # extending forward from the clip's first frame: the encoder reads what it needs
+            return None
         try:
             given = [True, request.end_image is not None] + [True] * len(request.keyframes)
             return tuple(self.image_path(rid, name).read_bytes() if there else None

@@ -232,6 +232,6 @@ def test_loop_bytes_do_not_depend_on_decode_order(components, tmp_path):
     async def run():
         return await finish_video(ctx, await pools.share(ctx), pools, done, tmp_path / "reordered.mp4")
 
-    where, _ = asyncio.run(run())
+    where, _, _ = asyncio.run(run())
     assert pools.order == [0, 1, 2]  # arrived in generation order, 2, 1, 0: run last-first
     assert open(where, "rb").read() == local.path.read_bytes()

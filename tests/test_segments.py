@@ -109,7 +109,8 @@ def test_same_bytes_whatever_the_decode_order(components, tmp_path):
     async def run():
         return await finish_video(ctx, await pools.share(ctx), pools, done, tmp_path / "reordered.mp4")
 
-    where, _ = asyncio.run(run())
+    where, _, frames = asyncio.run(run())
+    assert frames == local.frames
     assert pools.order == [3, 2, 1, 0]
     assert sha(where) == sha(local.path)
 

@@ -1,0 +1,355 @@
+"""Extending a video: `extend` names a clip, and the render's new sections continue it
+(forward schedule: the F1 layout, the clip is the past) or lead into it (inverted: the
+clip is the future, its first frame the end image). The output is the clip's own frames,
+untouched, followed (forward) or preceded (inverted) by the new ones.
+
+- Context: the new sections read the clip's latent frames next to them, as if the clip
+  were sections already generated: forward, its last frames are the 1x/2x/4x history;
+  inverted, its first frames (frame 0 alone first: the end image's latent) are the future.
+  Only those `4 * max(19, window) + 1` pixel frames are VAE-encoded (the posterior mean: no
+  draw from the request's noise stream, so the section noise is that of a plain render).
+- Seam: forward, the first new chunk is decoded after the clip's last latent frames (up to
+  a window, as a forward chunk decodes after the section before it), and the frames of that
+  decode that stand for the clip are dropped: the first new frame continues the clip, which
+  is never blended or altered. Inverted needs no such context: the VAE decoder is causal in
+  time, so the last new frames do not depend on the clip's latents after them.
+- Scale: the clip streams through PyAV frame by frame; no more than the context frames are
+  held. Its packets are copied into the output when they decode with the segments' own
+  parameter sets (an fp-ray output at the same crf); any other clip is re-encoded frame by
+  frame at the request's crf. Audio is not kept.
+- Size and rate: the output has the clip's size and frame rate. The clip's frames are kept
+  as they are, so its sides must already be multiples of 16 within the request limits (no
+  resize), a `width`/`height` must match it, and a `fps` other than the clip's (rounded to a
+  whole number) is an error; without one the request takes the clip's.
+- A clip shorter than the context (fewer than 77 frames) is used whole: the missing history
+  is zeros, as the reference's history is before its first sections.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from .packing import HISTORY_FRAMES
+from .request import MAX_SIDE, MIN_SIDE, RenderRequest, RequestError, excerpt
+
+if TYPE_CHECKING:
+    from .encode import Conditioning, Encoded
+    from .lora import LoraFile
+    from .models import Components
+    from .schedule import Plan, Section
+
+MAX_CLIP_SECONDS = 3600.0  # an hour of video to copy or re-encode; longer is refused
+CHUNK = 1 << 20
+
+
+class ClipError(RequestError):
+    """A clip to extend that cannot be used; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What the container's header says about a clip's video stream."""
+
+    width: int
+    height: int
+    fps: int  # the average frame rate, rounded to a whole number
+    exact_rate: Fraction
+    codec: str
+    extradata: bytes | None
+    duration_s: float | None
+
+
+def forward(request: RenderRequest) -> bool:
+    """The direction of an extension: the forward schedule continues the clip."""
+    return request.schedule == "forward"
+
+
+@contextlib.contextmanager
+def local_clip(location: str) -> Iterator[Path]:
+    """The clip as a local file: a path as it is; a URL or pyarrow.fs URI streamed into a
+    temporary file (never whole in memory), removed after."""
+    from .storage import filesystem, is_uri
+
+    what = f"extend: {excerpt(location, 200)}"
+    if not is_uri(location):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise ClipError(f"{what}: file not found")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
+        path = Path(tmp) / "clip"
+        try:
+            if str(location).startswith(("http://", "https://")):
+                source = contextlib.closing(urllib.request.urlopen(str(location), timeout=30))
+            else:
+                fs, inner = filesystem(location)
+                source = fs.open_input_stream(inner)
+            with source as src, path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+        except (FileNotFoundError, urllib.error.HTTPError) as e:
+            code = getattr(e, "code", 404)
+            raise ClipError(f"{what}: {'file not found' if code == 404 else f'HTTP {code}'}") from None
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            raise ClipError(f"{what}: cannot read it: {getattr(e, 'reason', None) or e}") from None
+        yield path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (a clip may be gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _av_errors() -> tuple[type[BaseException], ...]:
+    import av
+
+    # a corrupt or foreign file makes FFmpeg fail in many ways; each is "cannot read it"
+    return (av.FFmpegError, ValueError, EOFError, IndexError, UnicodeDecodeError)
+
+
+def probe(path: Path, what: str) -> ClipInfo:
+    """The clip's video stream as its header describes it; ClipError when there is none."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipError(f"{what}: has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            ctx = stream.codec_context
+            duration = float(container.duration / av.time_base) if container.duration else None
+            info = ClipInfo(ctx.width, ctx.height, round(rate) if rate else 0, Fraction(rate or 0), ctx.name,
+                            bytes(ctx.extradata) if ctx.extradata else None, duration)
+    except ClipError:
+        raise
+    except _av_errors():
+        raise ClipError(f"{what}: is not a video PyAV can read") from None
+    if info.width <= 0 or info.height <= 0 or info.fps <= 0:
+        raise ClipError(f"{what}: its video stream has no frame size or rate")
+    return info
+
+
+def adapted(request: RenderRequest, info: ClipInfo) -> RenderRequest:
+    """`request` with the clip's size and frame rate (a request that sets either must agree),
+    after checking that the clip's size can be the video's."""
+    what = f"extend: {excerpt(request.extend, 120)}"
+    w, h = info.width, info.height
+    if w % 16 or h % 16 or not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+        raise ClipError(f"{what} is {w}x{h}; the new frames take the clip's size and it is kept as it is, so each side "
+                        f"must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}: crop or scale it first")
+    if request.width is not None and (request.width, request.height) != (w, h):
+        raise ClipError(f"size: {request.width}x{request.height} is not the clip's {w}x{h}; leave it out to take the clip's")
+    if info.duration_s is not None and info.duration_s > MAX_CLIP_SECONDS:
+        raise ClipError(f"{what} is too long ({info.duration_s:.0f} s; at most {MAX_CLIP_SECONDS:.0f} s)")
+    if request.fps != info.fps and "fps" in request.model_fields_set:
+        raise ClipError(f"fps: {request.fps} is not the clip's {info.fps} fps; leave it out to take the clip's")
+    if (request.fps, request.width, request.height) == (info.fps, w, h):
+        return request
+    try:
+        return RenderRequest.model_validate({**request.model_dump(), "fps": info.fps, "width": w, "height": h})
+    except ValidationError as e:
+        reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ClipError(f"{what} at {info.fps} fps: {reason}") from None
+
+
+def checked_request(request: RenderRequest) -> tuple[RenderRequest, str]:
+    """At the edge (CLI, manifest row, HTTP): the request adapted to its clip (`adapted`) and
+    the clip's sha256, from its header and bytes, without decoding it."""
+    with local_clip(request.extend) as path:
+        info = probe(path, f"extend: {excerpt(request.extend, 120)}")
+        return adapted(request, info), file_sha256(path)
+
+
+def context_frames(window: int) -> int:
+    """Latent frames of the clip the new sections may read: the 19-frame history, or a whole
+    window as the seam's decode context, whichever is more."""
+    return max(HISTORY_FRAMES, window)
+
+
+SEEK_MARGIN_S = 4.0  # decoded before the last frames a forward extension needs: covers a GOP or two
+
+
+def _decode(container, frames: collections.deque, stop_when_full: bool) -> np.ndarray | None:
+    """Append the container's frames (from where it stands) to `frames`; the first one decoded."""
+    first = None
+    for frame in container.decode(video=0):
+        frames.append(frame.to_ndarray(format="rgb24"))
+        first = frames[-1] if first is None else first
+        if stop_when_full and len(frames) == frames.maxlen:
+            break
+    return first
+
+
+def _tail_start(container, keep: int) -> float:
+    """Seconds into the clip from which its last `keep` frames, and a margin, are decoded
+    (0: decode it all)."""
+    import av
+
+    seconds = float(container.duration / av.time_base) if container.duration else 0.0
+    rate = float(container.streams.video[0].average_rate or 0)
+    return max(0.0, seconds - keep / rate - SEEK_MARGIN_S) if rate and seconds else 0.0
+
+
+def read_context(path: Path, what: str, at_end: bool, latent_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first frame (H, W, 3), context frames (F, H, W, 3)) uint8 of the clip, decoded as it
+    streams: at_end, its last 4k+1 frames (k <= latent_frames), else its first. A long clip is
+    not decoded through for its end: it is entered at the keyframe before its last seconds
+    (and decoded whole only when that seek did not land early enough)."""
+    import av
+
+    frames: collections.deque[np.ndarray] = collections.deque(maxlen=4 * latent_frames + 1)
+    try:
+        with av.open(str(path)) as container:
+            start_s, first = _tail_start(container, frames.maxlen) if at_end else 0.0, None
+            stream = container.streams.video[0]
+            if start_s > 0 and stream.time_base:
+                first = _decode(container, collections.deque(maxlen=1), True)
+                container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+                _decode(container, frames, False)
+        if len(frames) < frames.maxlen:  # a short clip, its start, or a seek that landed too late (odd timestamps)
+            frames.clear()
+            with av.open(str(path)) as container:
+                first = _decode(container, frames, not at_end)
+    except _av_errors():
+        raise ClipError(f"{what}: is corrupt (a frame does not decode)") from None
+    if first is None:
+        raise ClipError(f"{what}: has no frames")
+    usable = 4 * ((len(frames) - 1) // 4) + 1  # a causal VAE encodes 4k+1 frames into k+1 latents
+    context = list(frames)[-usable:] if at_end else list(frames)[:usable]
+    return first, np.stack(context)
+
+
+@torch.no_grad()
+def encode_clip(c: "Components", frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (1, 16, (F-1)/4 + 1, h, w) float32 VAE-scaled latents, the
+    posterior mean, through the VAE's own tiles (a clip is a video, not the reference's one image)."""
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 255.0 * 2.0 - 1.0
+    latents = c.vae.encode(pixels.to(device=c.device, dtype=c.vae.dtype)).latent_dist.mode()
+    return (latents * c.vae.config.scaling_factor).to(torch.float32)
+
+
+def encode_extension(c: "Components", request: RenderRequest, images: tuple[bytes | None, ...],
+                     loras: tuple["LoraFile", ...]) -> "Encoded":
+    """`encode_request` for a request that extends a clip: the plan of the new part at the
+    clip's size, the conditioning with the clip's context latents (`Conditioning.clip`)."""
+    from PIL import Image
+
+    from .encode import Encoded, decode_image, encode, plan_request, request_fingerprint
+    from .metadata import Provenance, model_identity, sha256
+
+    what = f"extend: {excerpt(request.extend, 120)}"
+    with local_clip(request.extend) as path:
+        info = probe(path, what)
+        request = adapted(request, info)
+        clip_sha = file_sha256(path)
+        first, frames = read_context(path, what, forward(request), context_frames(request.window))
+    width, height = request.width, request.height
+    plan = plan_request(request, width, height)
+    clip_first = Image.fromarray(first)
+    if forward(request):
+        # The start image (prefix and SigLIP input) is the clip's first frame unless an image is
+        # given: F1 reads the video's first frame as its prefix for the whole video (the demo never
+        # swaps it), so a clip fp-ray rendered forward continues with the conditioning it had.
+        start = decode_image(images[0], "image", request.image_path) if request.image else clip_first
+        end = None
+    else:
+        # Backward, the clip's first frame is the end image: its SigLIP embedding is averaged with
+        # the start's as an end image's is; its latent leads the future as the clip's frame 0.
+        start, end = decode_image(images[0], "image", request.image_path), clip_first
+    negative = request.negative_prompt if request.cfg > 1 else None
+    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative)
+    # end_latent stays None: the clip's latents (frame 0 first) are the future context instead.
+    cond = replace(cond, end_latent=None, clip=encode_clip(c, frames))
+    spec = c.spec
+    provenance = Provenance(sha256(images[0]), None, model_identity(spec.model, spec.base, spec.image_encoder),
+                            lora_sha256=tuple(f.digest for f in loras), extend_sha256=clip_sha)
+    fingerprint = request_fingerprint(request, (images[0], None), loras, clip_sha)
+    return Encoded(request, plan, cond.cpu(), fingerprint, loras, provenance)
+
+
+# ---- the seam and the output -------------------------------------------------------------
+
+
+def seam_context(plan: "Plan", section: "Section", cond: "Conditioning") -> torch.Tensor | None:
+    """Forward extension, the chunk at the clip: the clip's last latent frames (a window at
+    most) it decodes after, in place of the start latent. None for every other chunk."""
+    if cond.clip is None or plan.schedule != "forward" or section.decode_span[0] != 0:
+        return None
+    return cond.clip[:, :, -plan.window:]
+
+
+def without_clip_frames(plan: "Plan", section: "Section", cond: "Conditioning", chunk: torch.Tensor) -> torch.Tensor:
+    """A decoded chunk (1, 3, F, H, W) without the frames that stand for the clip's latents
+    (`seam_context`): 4(T-1)+1 for T latent frames of context."""
+    context = seam_context(plan, section, cond)
+    return chunk if context is None else chunk[:, :, 4 * (context.shape[2] - 1) + 1 :]
+
+
+def _stream_matches(path: Path, segment: bytes, fps: int) -> bool:
+    """Whether the clip's packets decode with the segment's stream parameters (codec, size,
+    parameter sets) at exactly `fps`: then they can be copied."""
+    import io
+
+    import av
+
+    info = probe(path, "extend")
+    with av.open(io.BytesIO(segment)) as container:
+        ctx = container.streams.video[0].codec_context
+        ours = (ctx.name, ctx.width, ctx.height, bytes(ctx.extradata or b""))
+    return (info.codec, info.width, info.height, info.extradata or b"") == ours and info.exact_rate == fps
+
+
+def clip_frames(path: Path) -> Iterator[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool = True, end: bool = True) -> Iterator[bytes | str]:
+    """The parts of the output in time order: the new segments, with the clip before them
+    (forward) or after them (inverted), as a local mp4 path whose packets join with theirs.
+    `start` / `end`: whether these segments begin / end the new part (a progressive output
+    gets them one at a time); the clip goes only where it touches them."""
+    segments = iter(segments)
+    clip_first = forward(request) and start
+    if request.extend is None or not (clip_first or (not forward(request) and end)):
+        yield from segments
+        return
+    from .video import encode_frames
+
+    first = next(segments)
+    with local_clip(request.extend) as path, tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
+        clip = str(path)
+        if not _stream_matches(path, first, request.fps):
+            clip = str(Path(tmp) / "clip.mp4")
+            try:
+                encode_frames(clip_frames(path), clip, request.fps, request.crf)
+            except _av_errors():
+                raise ClipError(f"extend: {excerpt(request.extend, 120)}: is corrupt (a frame does not decode)") from None
+        if clip_first:
+            yield clip
+        yield first
+        yield from segments
+        if not clip_first:
+            yield clip
