@@ -131,6 +131,9 @@ def probe(path: Path, what: str) -> ClipInfo:
 
     try:
         with av.open(str(path)) as container:
+            if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+                # FFmpeg reads a PNG or JPEG as a one-frame video; as a clip it is a mistake
+                raise ClipError(f"{what}: is a still image, not a video; a start image is --image")
             if not container.streams.video:
                 raise ClipError(f"{what}: has no video stream")
             stream = container.streams.video[0]

@@ -121,6 +121,10 @@ def test_request_combinations_are_refused():
         make_request(**NEW, schedule="bidirectional", image=str(SAMPLE_IMAGE), extend="c.mp4")
     with pytest.raises(RequestError, match="needs an image to start from"):
         make_request(**NEW, schedule="inverted", extend="c.mp4")
+    with pytest.raises(RequestError, match="give one of loop and extend"):
+        make_request(**NEW, schedule="inverted", image=str(SAMPLE_IMAGE), extend="c.mp4", loop=True)
+    with pytest.raises(RequestError, match="keyframes need the bidirectional schedule"):
+        make_request(**NEW, schedule="forward", extend="c.mp4", keyframes="0.4s:k.png")
 
 
 def bad_clips(tmp_path, clip):
@@ -145,6 +149,7 @@ def bad_clips(tmp_path, clip):
         (text, [], "is not a video"),
         (truncated, [], "not a video|corrupt|has no frames"),
         (audio, [], "has no video stream"),
+        (SAMPLE_IMAGE, [], "is a still image, not a video"),
         (odd, [], "multiple of 16"),
         (wide, [], "2064x32.*between 32 and 2048"),
         (clip, ["--size", "128x64"], "not the clip's 64x64"),
