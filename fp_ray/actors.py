@@ -238,7 +238,7 @@ class RayPools:
                 notify(f"waiting for {len(pending)} of {len(refs)} actors to start (GPUs each: {need}, CPUs each: "
                        f"{self.config.cpus}); cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
 
-    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
         async with self._queues["encoders"].use() as actor:
             return await actor.encode.remote(request, images)
 

@@ -314,6 +314,8 @@ def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[Lor
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
     if (clip_sha256 is None) != (request.extend is None):
         raise ValueError("the fingerprint of an extension needs the clip's hash (and only an extension has one)")
+    if request.extend is not None and request.image is None:
+        images = (None, *images[1:])  # the start frame is the clip's first: in the clip's hash, not the sample image's
     text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes", "extend"} | (set() if request.loop else {"loop"}))
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])

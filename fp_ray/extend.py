@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import shutil
 import tempfile
 import urllib.error
@@ -45,6 +44,7 @@ from pydantic import ValidationError
 
 from .packing import HISTORY_FRAMES
 from .request import MAX_SIDE, MIN_SIDE, RenderRequest, RequestError, excerpt
+from .storage import file_sha256
 
 if TYPE_CHECKING:
     from .encode import Conditioning, Encoded
@@ -107,15 +107,6 @@ def local_clip(location: str) -> Iterator[Path]:
         except (OSError, ValueError, urllib.error.URLError) as e:
             raise ClipError(f"{what}: cannot read it: {getattr(e, 'reason', None) or e}") from None
         yield path
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (a clip may be gigabytes)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _av_errors() -> tuple[type[BaseException], ...]:

@@ -29,10 +29,11 @@ def gather_context(section: Section, cond: Conditioning, done: Mapping[int, torc
     n1, n2, n4 = HISTORY_SIZES
     # An extended clip (extend.py) is the past before section 0 (forward) or the future after the
     # last section (inverted): a section whose history runs up to it reads on into it; one whose
-    # history is full already cuts it off below.
+    # history is full already cuts it off below. Forward, the clip's latents stand for a render's
+    # [start latent, sections...]: its first frame, or frames later than the history reaches.
     clip = [] if cond.clip is None else [cond.clip]
     if section.layout.order == "forward":
-        past = torch.cat([start] + clip + [done[p] for p in section.history], dim=2)[:, :, -HISTORY_FRAMES:]
+        past = torch.cat((clip or [start]) + [done[p] for p in section.history], dim=2)[:, :, -HISTORY_FRAMES:]
         past = F.pad(past, (0, 0, 0, 0, HISTORY_FRAMES - past.shape[2], 0))
         four, two, one = past.split([n4, n2, n1], dim=2)
         prefix = start

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import SAMPLE_IMAGE, TINY_CHECKPOINT, __version__
 from .models import ModelSources
 from .request import RenderRequest, excerpt
-from .storage import is_uri, read_bytes
+from .storage import file_sha256, is_uri, read_bytes
 
 FORMAT = "fp-ray/render/1"
 # The mp4 muxer writes the standard tags (©cmt: ffprobe, players and tag editors show and keep
@@ -220,13 +220,7 @@ def recorded_keyframes(record: dict, given: list[str] | None, flag: str = "--key
 
 def _source_sha256(source: str) -> str:
     """sha256 of a file's bytes, a local one read in chunks (a clip to extend may be gigabytes)."""
-    if is_uri(source):
-        return sha256(read_bytes(source))
-    h = hashlib.sha256()
-    with open(Path(source).expanduser(), "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(read_bytes(source)) if is_uri(source) else file_sha256(Path(source).expanduser())
 
 
 def _unchanged_source(want: str, source: str | None, key: str, what: str, flag: str) -> str | None:

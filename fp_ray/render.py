@@ -35,7 +35,7 @@ class LocalPools:
     def from_components(cls, c: Components) -> "LocalPools":
         return cls(EncoderWorker(components=c), GeneratorWorker(components=c), DecoderWorker(components=c))
 
-    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
         return await asyncio.to_thread(self.encoder.encode, request, images)
 
     async def share(self, context: RenderContext) -> Shared:

@@ -253,9 +253,11 @@ class RenderRequest(BaseModel):
             b = math.floor(k.at / spp + 0.5 + 1e-9)  # half up (0.6 s in sections of 0.4 s is 1.4999...)
             if not 1 <= b <= n - 1:
                 first, last = spp, (n - 1) * spp
-                where = f"the boundaries are {first:g}s to {last:g}s" if n > 1 else "a one-section video has none"
+                where = ("a one-section video has none" if n == 1 else f"the only boundary is {first:g}s" if n == 2
+                         else f"the boundaries are {first:g}s to {last:g}s")
+                ends = "the first frame is the image, the last the end_image" if self.end_image else "the first frame is the image"
                 raise ValueError(f"keyframes: {k.at:g}s snaps to section boundary {b} ({b * spp:g}s), which is not inside the "
-                                 f"video ({n} sections of {spp:g}s; {where}; the first frame is the image, the last the end_image)")
+                                 f"video ({n} sections of {spp:g}s; {where}; {ends})")
             out.append(b)
         if len(set(out)) < len(out):
             seen: dict[int, float] = {}

@@ -113,6 +113,15 @@ def delete(location: str | os.PathLike) -> None:
         fs.delete_file(path)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in chunks (a clip to extend may be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(request_json: str, *images: bytes | None) -> str:
     """sha256 over what decides a render's output: the request and its image bytes."""
     h = hashlib.sha256(request_json.encode())

@@ -165,7 +165,11 @@ async def read_body(request: Request) -> tuple[dict, dict[str, bytes | None], li
             for key, value in form.multi_items():
                 if key in images and hasattr(value, "read"):
                     images[key] = await value.read()
-                elif (m := KEYFRAME_PART.match(key)) and hasattr(value, "read"):
+                elif key.startswith("keyframe_") and hasattr(value, "read"):
+                    if not (m := KEYFRAME_PART.match(key)):
+                        raise HTTPException(422, f"{excerpt(key, 40)}: a keyframe file part is named keyframe_<seconds>s, e.g. keyframe_4.8s")
+                    if float(m.group(1)) in uploads:
+                        raise HTTPException(422, f"{excerpt(key, 40)}: a second keyframe at {float(m.group(1)):g}s")
                     uploads[float(m.group(1))] = await value.read()
                 elif isinstance(value, str) and value != "":
                     fields[key] = value
@@ -232,13 +236,14 @@ async def read_upload(request: Request, limit: int) -> bytes:
 def form_fields(record: dict) -> dict:
     """A render record's request as the fields POST /v1/renders takes (size as WxH); checked
     as a request, so a hand-edited record cannot hand the page values it would refuse."""
-    fields = {k: v for k, v in record["request"].items() if k in FIELDS and v is not None}
+    # keyframes' images, like the start image's, are the user's to give again (a Serve-made
+    # record knows them by hash only)
+    fields = {k: v for k, v in record["request"].items() if k in FIELDS - {"keyframes"} and v is not None}
     try:
         request = make_request(**fields, image="upload")
     except (ValueError, TypeError) as e:  # RequestError is a ValueError
         raise HTTPException(422, f"the render record holds a bad request: {e}") from None
     fields.pop("loras", None)
-    fields.pop("keyframes", None)  # their images, like the start image's, are the user's to give again
     if request.loras:  # as the form's text field takes them
         fields["loras"] = ", ".join(f"{c.name}:{c.weight:g}" for c in request.loras)
     width, height = record["request"].get("width"), record["request"].get("height")
@@ -262,6 +267,8 @@ def sse(seq: int, event: dict) -> str:
 def public(record: dict, base: str) -> dict:
     """A record as the API shows it: no server paths, no owner."""
     request = {k: v for k, v in record["request"].items() if k not in ("image", "end_image", "extend", "model")}
+    if request.get("keyframes"):  # their images are uploads this server stored: times only
+        request["keyframes"] = [{"at": k["at"]} for k in request["keyframes"]]
     rid = record["id"]
     links = {"self": f"{base}/v1/renders/{rid}", "events": f"{base}/v1/renders/{rid}/events"}
     if record["status"] == "finished":
@@ -341,6 +348,9 @@ def make_api() -> FastAPI:
         except MetadataError as e:
             raise HTTPException(422, str(e)) from None
         images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
+        keyframes = zip(record["request"].get("keyframes") or [], record["images"].get("keyframes") or [])
+        if keys := [{"at": k.get("at"), "sha256": h.get("sha256")} for k, h in keyframes if isinstance(k, dict) and isinstance(h, dict)]:
+            images["keyframes"] = keys  # to pick again, as the start image is
         return {"fields": form_fields(record), "images": images, "fp_ray_version": record.get("fp_ray_version")}
 
     @api.get("/v1/renders")

@@ -43,7 +43,7 @@ class Encoder:
     def __init__(self, spec: ModelSpec, loras: LoraRegistry | None = None):
         self.worker = EncoderWorker(spec, loras=loras or LoraRegistry({}))  # a server reads only its registered LoRAs
 
-    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
         return await asyncio.to_thread(self.worker.encode, request, images)
 
 
@@ -84,7 +84,7 @@ class ServePools:
     def __init__(self, encoder: DeploymentHandle, generator: DeploymentHandle, decoder: DeploymentHandle):
         self.encoder, self.generator, self.decoder = encoder, generator, decoder
 
-    async def encode(self, request: RenderRequest, images: tuple[bytes, bytes | None] | None = None) -> Encoded:
+    async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
         return await self.encoder.encode.remote(request, images)
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:

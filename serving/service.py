@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -81,10 +82,16 @@ def read_owner(location: str) -> str | None:
         return None
 
 
+# A quoted absolute path (whole, or cut short by `excerpt`): on Serve every file a request
+# names is one this server stored (clients give uploads and URLs, never paths)
+STORED_INPUT = re.compile(r"'/[^']*'")
+
+
 def user_error(error: BaseException) -> str:
-    """What failed, in terms a user can act on; the details (pids, addresses, actor ids) go to the log."""
+    """What failed, in terms a user can act on; the details (pids, addresses, actor ids) go to the
+    log, and a stored input's server path reads as "the upload"."""
     if isinstance(error, (ImageError, RequestError, InputsGone, SectionOutOfMemory)):
-        return str(error)[:300]
+        return STORED_INPUT.sub("the upload", str(error))[:300]
     if isinstance(error, (RenderFailed, WorkerLost)):
         return "workers were lost while rendering and the retries ran out; submit the render again"
     return "internal error while rendering; the server log has the details under this render's id"
@@ -222,9 +229,11 @@ class RenderService:
         if clip is not None:
             try:  # the clip's size and fps become the request's
                 request = (await asyncio.to_thread(checked_request, request))[0]
-            except ClipError as e:
+            except Exception as e:  # nothing of a refused render stays behind
                 await asyncio.to_thread(shutil.rmtree, self.folder(rid), True)
-                raise ClipError(str(e).replace(repr(fields["extend"]), "the upload")) from None  # no server paths
+                if isinstance(e, ClipError):
+                    raise ClipError(user_error(e)) from None  # no server paths
+                raise
         owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
         await self.db(self.records.create, rid, request.model_dump(), client)
         await self.db(self.records.claim, rid, owner, self.config.lease_s)

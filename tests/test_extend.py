@@ -61,17 +61,16 @@ def test_backward_extension_ends_on_the_clip(components, clip, tmp_path):
 
 
 def test_new_sections_read_the_clip_latents(components, clip):
-    """Section 0's packed history is the clip's last latent frames (a clip of 25 frames: 7
-    latents after the start latent, zeros before), and inverted's last section reads the
-    clip's first frames as its future."""
+    """Section 0's packed history is the clip's last latent frames (a clip of 25 frames: its 7
+    latents, zeros before: the clip's own first latent stands where a render's start latent
+    stands), and inverted's last section reads the clip's first frames as its future."""
     frames = read_frames(clip)
     encoded = encode_request(components, make_request(**NEW, schedule="forward", extend=str(clip)))
     pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 255 * 2 - 1
     by_hand = components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
     torch.testing.assert_close(encoded.cond.clip, by_hand)
     assert encoded.cond.clip.shape[2] == 7
-    past = torch.cat([torch.zeros_like(by_hand[:, :, :1]).expand(-1, -1, HISTORY_FRAMES - 8, -1, -1),
-                      encoded.cond.start_latent, by_hand], dim=2)
+    past = torch.cat([torch.zeros_like(by_hand[:, :, :1]).expand(-1, -1, HISTORY_FRAMES - 7, -1, -1), by_hand], dim=2)
     ctx = gather_context(encoded.plan.section(0), encoded.cond, {})
     torch.testing.assert_close(ctx.clean[:, :, 1:], past[:, :, -1:])
     torch.testing.assert_close(ctx.history_2x, past[:, :, -3:-1])
@@ -280,3 +279,15 @@ def test_the_end_of_a_long_clip_is_read_without_decoding_it_all(tmp_path, monkey
     assert np.array_equal(first, whole[0]) and np.array_equal(tail, whole[-77:])
     first, head = extend.read_context(path, "clip", False, context_frames(2))
     assert np.array_equal(head, whole[:77])
+
+
+def test_a_clip_start_and_the_sample_image_start_are_other_renders(clip):
+    """Forward without an image starts from the clip's first frame: not the render that names
+    the sample image, though the sample's bytes stand in for the missing image."""
+    from fp_ray.encode import read_request_images, request_fingerprint
+    from fp_ray.storage import file_sha256
+
+    own = make_request(**NEW, schedule="forward", extend=str(clip))
+    sample = make_request(**NEW, schedule="forward", extend=str(clip), image=str(SAMPLE_IMAGE))
+    fp = lambda r: request_fingerprint(r, read_request_images(r), clip_sha256=file_sha256(clip))
+    assert fp(own) != fp(sample)

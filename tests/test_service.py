@@ -313,3 +313,13 @@ def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools
         tampered = client.post("/v1/settings", content=sidecar.read_text().replace('"steps":2', '"steps":1000').encode())
         assert tampered.status_code == 422 and "steps" in tampered.json()["detail"]
         assert client.post("/v1/settings", content=b"0" * (2 * 1024 * 1024)).status_code == 413
+
+
+def test_user_errors_never_show_stored_input_paths():
+    from fp_ray.extend import ClipError
+    from fp_ray.request import excerpt
+    from serving.service import user_error
+
+    for path in ("/srv/fp/renders/0123456789abcdef/input/clip.mp4", "/srv/" + "x" * 200 + "/renders/0123456789abcdef/input/clip.mp4"):
+        message = user_error(ClipError(f"extend: {excerpt(path, 120)}: is corrupt (a frame does not decode)"))
+        assert message == "extend: the upload: is corrupt (a frame does not decode)", message

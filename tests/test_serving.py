@@ -4,6 +4,7 @@ before the final video, cancel, bad requests, restarts that keep records and res
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -238,6 +239,15 @@ def test_keyframes_as_uploads_render_as_locally_and_server_paths_are_refused(app
     served = tmp_path / "served.mp4"
     served.write_bytes(client.get(f"/v1/renders/{record['id']}/video.mp4").content)
     assert video_frames(served) == video_frames(local.path)  # the records differ: the upload is known by hash only
+    assert "input" not in json.dumps(client.get(f"/v1/renders/{record['id']}").json())  # no server paths
+    settings = client.post("/v1/settings", content=served.read_bytes())  # the page can load it again
+    assert settings.status_code == 200, settings.text
+    assert "keyframes" not in settings.json()["fields"]
+    assert settings.json()["images"]["keyframes"] == [{"at": 1.3, "sha256": hashlib.sha256(key.read_bytes()).hexdigest()}]
+    for name in ("keyframe_4ss", "keyframe_-1s"):  # a part that names no time is refused, not dropped
+        r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional"},
+                        files=[("image", ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png")), (name, ("k.png", key.read_bytes(), "image/png"))])
+        assert r.status_code == 422 and "keyframe_<seconds>s" in r.json()["detail"], r.text
     start = ("image", ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png"))
     for given in ("1.2s:/etc/passwd", f"1.2s:file://{key}", "1.2s:s3://bucket/k.png"):
         r = client.post("/v1/renders", data={**SMALL, "seconds": "3.6", "schedule": "bidirectional", "keyframes": given}, files=[start])
