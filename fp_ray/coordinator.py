@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol
 import torch
 
 from .decode import full_latents
+from .extend import new_segment_frames
 from .encode import Encoded, Images
 from .generate import noise_stream
 from .metadata import dumps, render_metadata
@@ -171,7 +172,7 @@ async def generate_sections(
     done = SectionLatents.stored(ctx, range(plan.num_sections))
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
-    emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": plan.pixel_frames,
+    emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": sum(new_segment_frames(plan, ctx.cond)),
           "steps": request.steps, "reused": reused})
     progress = Progress(plan, request.steps, len(done))
     running: dict[int, asyncio.Task] = {}

@@ -298,6 +298,18 @@ def without_clip_frames(plan: "Plan", section: "Section", cond: "Conditioning", 
     return chunk if context is None else chunk[:, :, 4 * (context.shape[2] - 1) + 1 :]
 
 
+def new_segment_frames(plan: "Plan", cond: "Conditioning") -> list[int]:
+    """Each segment's frames (decode.segment_frames), less the start frame a forward
+    extension's first chunk does not have (`without_clip_frames`: the clip's last frame is it)."""
+    from .decode import segment_frames
+
+    frames = segment_frames(plan)
+    first = min(plan.sections, key=lambda s: s.decode_span[0])
+    if seam_context(plan, first, cond) is not None:
+        frames[first.position] -= 1
+    return frames
+
+
 def _stream_matches(path: Path, segment: bytes, fps: int) -> bool:
     """Whether the clip's packets decode with the segment's stream parameters (codec, size,
     parameter sets) at exactly `fps`: then they can be copied."""

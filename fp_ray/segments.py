@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 
-from .decode import next_chunk, previous_chunk, segment_frames
-from .extend import with_clip
+from .decode import next_chunk, previous_chunk
+from .extend import new_segment_frames, with_clip
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
@@ -44,7 +44,7 @@ class Segments:
         self.ctx, self.shared, self.pools, self.emit = ctx, shared, pools, emit
         self.store = SectionStore(ctx.store)
         self.n = ctx.plan.num_sections
-        self.frames = segment_frames(ctx.plan)
+        self.frames = new_segment_frames(ctx.plan, ctx.cond)  # the new part's (an extended clip's are its own)
         self.preview_dir = Path(preview_dir) if preview_dir is not None else None
         self.made = {k for k in range(self.n) if self._has(k, "segment")}
         self.reused = sorted(self.made)

@@ -118,10 +118,8 @@ async def fetched(url, svc: RenderService, what: str, check=check_image) -> byte
         raise HTTPException(422, str(FetchRefused(what, ""))) from None
 
 
-async def read_keyframes(fields: dict, uploads: dict[float, bytes], svc: RenderService) -> tuple[list[dict], list[bytes]]:
-    """The keyframes of a submission, in time order, with their bytes: file parts named
-    `keyframe_<seconds>s`, and the `keyframes` field's TIME:URL parts (http/https only: a
-    request never names a server path)."""
+def keyframe_urls(fields: dict) -> list[tuple[float, object]]:
+    """(time, URL) of each part of the `keyframes` field: 'TIME:URL; ...' or [{at, image_url}]."""
     given = fields.pop("keyframes", None) or []
     try:
         parsed = parse_keyframes(given) if isinstance(given, str) else \
@@ -130,25 +128,23 @@ async def read_keyframes(fields: dict, uploads: dict[float, bytes], svc: RenderS
         raise HTTPException(422, str(e)) from None
     if parsed is None or not all(isinstance(k, dict) and set(k) <= {"at", "image", "image_url"} for k in parsed):
         raise HTTPException(422, "keyframes: expected 'TIME:URL; ...' or a list of {at, image_url}")
-    if len(parsed) + len(uploads) > MAX_KEYFRAMES:
-        raise HTTPException(422, f"keyframes: at most {MAX_KEYFRAMES}")
-    items = [(float(at), data) for at, data in uploads.items()]
+    out = []
     for k in parsed:
         if not isinstance(k.get("at"), (int, float, str)):
             raise HTTPException(422, f"keyframes: each needs a time, got {excerpt(k, 60)}")
         try:
-            at = float(k["at"])
+            out.append((float(k["at"]), k.get("image_url", k.get("image"))))
         except ValueError:
             raise HTTPException(422, f"keyframes: a time is a number of seconds, got {excerpt(k['at'], 30)}") from None
-        items.append((at, await fetched(k.get("image_url", k.get("image")), svc, f"keyframes[{at:g}s]")))
-    items.sort(key=lambda item: item[0])
-    return [{"at": at, "image": "upload"} for at, _ in items], [data for _, data in items]
+    return out
 
 
-async def read_body(request: Request) -> tuple[dict, dict[str, bytes | None], list[bytes]]:
-    """(fields, {image, end_image, extend: bytes or None}, keyframe bytes) from a multipart
-    form or a JSON body. `extend` is a clip to extend (a file, or extend_url), checked where
-    the service stores it; the keyframes' bytes are in the order fields["keyframes"] lists them."""
+async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | None], list[bytes]]:
+    """(request, {image, end_image, extend: bytes or None}, keyframe bytes) from a multipart
+    form or a JSON body, the request checked before any URL is fetched. `extend` is a clip to
+    extend (a file, or extend_url), checked where the service stores it; keyframes are the
+    file parts named `keyframe_<seconds>s` and the `keyframes` field's TIME:URL parts (http/https
+    only: a request never names a server path), their bytes in the request's (time) order."""
     svc = service(request)
     limit = svc.max_upload_bytes
     length = request.headers.get("content-length", "")
@@ -179,25 +175,35 @@ async def read_body(request: Request) -> tuple[dict, dict[str, bytes | None], li
             raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+    urls = {key: fields.pop(f"{key}_url", None) for key in images}
+    if images["image"] is None and not urls["image"] and images["extend"] is None and not urls["extend"]:
+        raise HTTPException(422, "image: upload a file named 'image' or give image_url")  # extending forward, the clip's first frame can start
+    keys = sorted([(at, data) for at, data in uploads.items()] + keyframe_urls(fields), key=lambda item: item[0])
+    if len(keys) > MAX_KEYFRAMES:
+        raise HTTPException(422, f"keyframes: at most {MAX_KEYFRAMES}")
+    if keys:
+        fields["keyframes"] = [{"at": at, "image": "upload"} for at, _ in keys]
+    given = {key: images[key] is not None or bool(urls[key]) for key in images}
+    checked = to_request(fields, given)  # refused here, before any download
     for key in images:
-        url = fields.pop(f"{key}_url", None)
         # a clip is checked where it is stored (serving/service.py), as a file PyAV can stream
         check = (lambda data, what: None) if key == "extend" else check_image
-        if images[key] is None and url:
-            images[key] = await fetched(url, svc, f"{key}_url", check)
+        if images[key] is None and urls[key]:
+            images[key] = await fetched(urls[key], svc, f"{key}_url", check)
         elif images[key] is not None:
             await asyncio.to_thread(check, images[key], key)
-    if images["image"] is None and images["extend"] is None:  # extending forward, the clip's first frame can start
-        raise HTTPException(422, "image: upload a file named 'image' or give image_url")
-    for at, data in uploads.items():
-        await asyncio.to_thread(check_image, data, f"keyframe_{at:g}s")
-    keyframes, key_bytes = await read_keyframes(fields, uploads, svc)
-    if keyframes:
-        fields["keyframes"] = keyframes
-    return fields, images, key_bytes
+    key_bytes = []
+    for at, source in keys:
+        if isinstance(source, bytes):
+            await asyncio.to_thread(check_image, source, f"keyframe_{at:g}s")
+            key_bytes.append(source)
+        else:
+            key_bytes.append(await fetched(source, svc, f"keyframes[{at:g}s]"))
+    return checked, images, key_bytes
 
 
-def to_request(fields: dict, images: dict[str, bytes | None]) -> RenderRequest:
+def to_request(fields: dict, given: dict[str, bool]) -> RenderRequest:
+    """The request of a submission's fields; `given`: which of image, end_image, extend it has."""
     unknown = set(fields) - FIELDS - {"size"}
     if unknown:
         shown = sorted(excerpt(str(k), 24) for k in unknown)[:5]
@@ -209,7 +215,7 @@ def to_request(fields: dict, images: dict[str, bytes | None]) -> RenderRequest:
                 raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(str(size), 24)}")
             fields["width"], fields["height"] = parse_size(size)
         # a placeholder path: the service stores the uploads and points the request at them
-        placeholders = {key: "upload" if data is not None else None for key, data in images.items()}
+        placeholders = {key: "upload" if there else None for key, there in given.items()}
         return make_request(**fields, **placeholders)
     except (RequestError, ValueError, TypeError) as e:  # ValueError: e.g. an int of 5000 digits
         raise HTTPException(422, str(e)) from None
@@ -317,8 +323,7 @@ def make_api() -> FastAPI:
         [{name, weight}]."""
         client = authorize(request)
         svc = service(request)
-        fields, images, key_bytes = await read_body(request)
-        render_request = to_request(fields, images)
+        render_request, images, key_bytes = await read_body(request)
         try:
             rid = await svc.submit(render_request, (images["image"], images["end_image"], *key_bytes), client, clip=images["extend"])
         except RequestError as e:  # a LoRA the server does not offer, a clip it cannot extend

@@ -37,9 +37,14 @@ def foreign_clip(path, frames: np.ndarray, fps: int = 30, crf: int = 30):
 
 
 def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp_path):
+    events = []
     result = render(make_request(**NEW, schedule="forward", extend=str(clip)), tmp_path / "out.mp4", components=components,
-                    progressive=tmp_path / "live.mp4")
+                    progressive=tmp_path / "live.mp4", on_event=events.append)
     original, out = read_frames(clip), read_frames(result.path)
+    # the events count the new frames: the clip's last frame is the new part's start
+    new = len(out) - len(original)
+    assert [e["frames"] for e in events if e["type"] == "plan"] == [new]
+    assert sum(e["frames"] for e in events if e["type"] == "section_decoded") == new
     assert np.array_equal(read_frames(tmp_path / "live.mp4"), out)  # the progressive output starts with the clip too
     plan = result.plan
     assert out.shape == (len(original) + 4 * plan.num_sections * plan.window, 64, 64, 3) == (49, 64, 64, 3)

@@ -490,6 +490,17 @@ def test_image_urls_are_refused_uniformly(app, hostile_server):
     assert details == {"image_url: could not fetch an image from that URL"}
 
 
+def test_a_request_that_will_be_refused_fetches_nothing(app, hostile_server):
+    """Fields are checked before any URL is fetched: a bad request naming 64 keyframe URLs on a
+    server that never answers is refused for its own fault, not after 65 downloads time out."""
+    client, _ = app
+    silent, _ = hostile_server
+    keyframes = [{"at": 0.1 * (i + 1), "image_url": silent} for i in range(64)]
+    r = client.post("/v1/renders", json={**SMALL, "steps": 1000, "image_url": silent, "schedule": "bidirectional",
+                                         "seconds": 600, "keyframes": keyframes})
+    assert r.status_code == 422 and r.json()["detail"].startswith("steps:"), r.text
+
+
 def bomb_png() -> bytes:
     """A valid 1x1 PNG whose header claims 30000x30000 pixels."""
     buf = io.BytesIO()
