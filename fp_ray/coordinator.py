@@ -98,8 +98,9 @@ def render_context(encoded: Encoded, request_id: str, store: SectionStore,
     plan = encoded.plan
     states = noise_stream(plan, encoded.cond, encoded.request.seed).section_states(plan.num_sections)
     metadata = "" if encoded.provenance is None else dumps(render_metadata(encoded.request, encoded.provenance, sources))
+    clip = None if encoded.provenance is None else encoded.provenance.extend_sha256
     return RenderContext(request_id, encoded.fingerprint, encoded.request, plan, encoded.cond, tuple(states), store.root,
-                         encoded.loras, metadata)
+                         encoded.loras, metadata, clip)
 
 
 class SectionLatents(Mapping[int, torch.Tensor]):

@@ -332,11 +332,13 @@ def clip_frames(path: Path) -> Iterator[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
-def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool = True, end: bool = True) -> Iterator[bytes | str]:
+def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool = True, end: bool = True,
+              sha256: str | None = None) -> Iterator[bytes | str]:
     """The parts of the output in time order: the new segments, with the clip before them
     (forward) or after them (inverted), as a local mp4 path whose packets join with theirs.
     `start` / `end`: whether these segments begin / end the new part (a progressive output
-    gets them one at a time); the clip goes only where it touches them."""
+    gets them one at a time); the clip goes only where it touches them. `sha256`: the clip's
+    as it was encoded; a clip that changed since is a ClipError, not a video of two clips."""
     segments = iter(segments)
     clip_first = forward(request) and start
     if request.extend is None or not (clip_first or (not forward(request) and end)):
@@ -346,6 +348,9 @@ def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool 
 
     first = next(segments)
     with local_clip(request.extend) as path, tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
+        if sha256 is not None and (now := file_sha256(path)) != sha256:
+            raise ClipError(f"extend: {excerpt(request.extend, 120)} changed while it rendered (sha256 {now[:16]}..., "
+                            f"encoded {sha256[:16]}...); render it again")
         clip = str(path)
         if not _stream_matches(path, first, request.fps):
             clip = str(Path(tmp) / "clip.mp4")

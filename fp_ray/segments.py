@@ -158,7 +158,8 @@ class Segments:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        for part in with_clip(self.ctx.request, [read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
+        for part in with_clip(self.ctx.request, [read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1,
+                              sha256=self.ctx.clip_sha256):
             self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
@@ -201,7 +202,7 @@ class Segments:
         re-encode; the render record goes in its tags and, once the mp4 is in place, in the
         sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
-        parts = with_clip(self.ctx.request, self.segments())  # an extended clip's own frames, before or after
+        parts = with_clip(self.ctx.request, self.segments(), sha256=self.ctx.clip_sha256)  # an extended clip's own frames
         if not is_uri(out):
             self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
         else:

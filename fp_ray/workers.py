@@ -75,6 +75,7 @@ class RenderContext:
     store: str  # SectionStore root: section latents, segments, seam pixels
     loras: tuple[LoraFile, ...] = ()  # the request's LoRAs, resolved by the encoder
     metadata: str = ""  # the render record (JSON) the mp4 and its sidecar carry (metadata.py)
+    clip_sha256: str | None = None  # an extension's clip, as encoded: the mp4 gets the very same clip
 
     @property
     def key(self) -> str:

@@ -296,3 +296,21 @@ def test_a_clip_start_and_the_sample_image_start_are_other_renders(clip):
     sample = make_request(**NEW, schedule="forward", extend=str(clip), image=str(SAMPLE_IMAGE))
     fp = lambda r: request_fingerprint(r, read_request_images(r), clip_sha256=file_sha256(clip))
     assert fp(own) != fp(sample)
+
+
+def test_a_clip_that_changes_while_it_renders_fails_the_render(components, clip, tmp_path):
+    """The mp4 joins the very clip that was encoded: one replaced mid-render is an error, and
+    no video is written."""
+    from fp_ray.extend import ClipError
+
+    mine = tmp_path / "mine.mp4"
+    mine.write_bytes(clip.read_bytes())
+
+    def replace_clip(event):
+        if event["type"] == "section_finished":
+            mine.write_bytes(clip.read_bytes() + b"\0")  # other bytes, the same frames
+
+    with pytest.raises(ClipError, match="changed while it rendered"):
+        render(make_request(**NEW, schedule="forward", extend=str(mine)), tmp_path / "out.mp4", components=components,
+               on_event=replace_clip)
+    assert not (tmp_path / "out.mp4").exists()
