@@ -16,7 +16,7 @@ from typing import AsyncIterator, Mapping
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 
 from .coordinator import WorkerLost
 from .encode import Encoded
@@ -30,6 +30,17 @@ from .workers import (DecoderWorker, EncoderWorker, GeneratorWorker, RenderConte
 
 log = logging.getLogger(__name__)
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+async def own_error(call):
+    """The awaited result of a Ray call; an error the remote code raised comes back as itself
+    (a bad image or clip a user must fix), not as Ray's wrapper with its traceback."""
+    try:
+        return await call
+    except RayTaskError as e:
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -240,7 +251,7 @@ class RayPools:
 
     async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
         async with self._queues["encoders"].use() as actor:
-            return await actor.encode.remote(request, images)
+            return await own_error(actor.encode.remote(request, images))
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         """A section on an idle generator; one that runs out of GPU memory is tried once more

@@ -46,6 +46,7 @@ COLUMNS = {"id", "prompt", "image", "end_image", "extend", "seconds", "seed", "s
            "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
            "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+MAX_MANIFEST_BYTES = 2**30  # millions of rows; never a device read to its end
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),
     ("seconds", pa.float64()), ("frames", pa.int64()), ("sections", pa.int64()), ("sections_reused", pa.int64()),
@@ -134,7 +135,7 @@ def read_manifest(manifest: str) -> list[dict]:
     if kind is None:
         raise ManifestError(f"manifest {excerpt(manifest)}: expected .parquet, .jsonl, .json or .csv")
     try:
-        data = read_bytes(manifest)
+        data = read_bytes(manifest, MAX_MANIFEST_BYTES)
     except (FileNotFoundError, IsADirectoryError):
         raise ManifestError(f"manifest not found: {excerpt(manifest)}") from None
     except OSError as e:

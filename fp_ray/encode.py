@@ -18,7 +18,7 @@ from .metadata import Provenance, model_identity, sha256
 from .models import Components, default_resolution, untiled
 from .request import RenderRequest, bucket_size, excerpt
 from .schedule import Plan, make_plan
-from .storage import fingerprint, read_bytes
+from .storage import TooLarge, fingerprint, read_bytes
 
 # HunyuanVideo's prompt template (the text goes in the user turn).
 PROMPT_TEMPLATE = (
@@ -92,15 +92,21 @@ class Conditioning:
 # Every image that enters (CLI, manifest row, HTTP upload or URL) passes these limits before
 # it is decoded: the header gives the size, so a decompression bomb is refused unread.
 MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000; larger photos are downscaled to 640-ish anyway
+MAX_IMAGE_BYTES = 256 * 2**20  # a 64-megapixel PNG compresses below this
 MIN_IMAGE_SIDE = 16
 
 
 def read_image_bytes(location: str | Path, what: str = "image") -> bytes:
-    """The raw bytes of an image at a local path, http(s) URL or pyarrow.fs URI."""
+    """The raw bytes of an image at a local path, http(s) URL or pyarrow.fs URI: a regular file
+    of at most MAX_IMAGE_BYTES (a device or a huge file is refused, never read whole)."""
     try:
-        return read_bytes(location)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return read_bytes(location, MAX_IMAGE_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
         raise ImageError(f"{what}: file not found: {excerpt(location, 200)}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what}: {excerpt(location, 200)} is a folder, not an image") from None
+    except TooLarge:
+        raise ImageError(f"{what}: {excerpt(location, 200)} is over {MAX_IMAGE_BYTES // 2**20} MB, too large for an image") from None
     except OSError as e:
         raise ImageError(f"{what}: cannot read {excerpt(location, 200)}: {e.strerror or e}") from None
 

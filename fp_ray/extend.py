@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -53,6 +52,8 @@ if TYPE_CHECKING:
     from .schedule import Plan, Section
 
 MAX_CLIP_SECONDS = 3600.0  # an hour of video to copy or re-encode; longer is refused
+MIN_CLIP_FRAMES = 5  # one latent frame past the first; fewer is a still, not a clip to continue
+MAX_CLIP_BYTES = 16 * 2**30  # a downloaded clip's temporary copy: an hour at high quality fits
 CHUNK = 1 << 20
 
 
@@ -71,6 +72,7 @@ class ClipInfo:
     codec: str
     extradata: bytes | None
     duration_s: float | None
+    frames: int  # as the header counts them (0: it does not say)
 
 
 def forward(request: RenderRequest) -> bool:
@@ -100,7 +102,12 @@ def local_clip(location: str) -> Iterator[Path]:
                 fs, inner = filesystem(location)
                 source = fs.open_input_stream(inner)
             with source as src, path.open("wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK)
+                copied = 0
+                while block := src.read(CHUNK):
+                    copied += len(block)
+                    if copied > MAX_CLIP_BYTES:
+                        raise ClipError(f"{what}: is over {MAX_CLIP_BYTES // 2**30} GB")
+                    dst.write(block)
         except (FileNotFoundError, urllib.error.HTTPError) as e:
             code = getattr(e, "code", 404)
             raise ClipError(f"{what}: {'file not found' if code == 404 else f'HTTP {code}'}") from None
@@ -132,7 +139,7 @@ def probe(path: Path, what: str) -> ClipInfo:
             ctx = stream.codec_context
             duration = float(container.duration / av.time_base) if container.duration else None
             info = ClipInfo(ctx.width, ctx.height, round(rate) if rate else 0, Fraction(rate or 0), ctx.name,
-                            bytes(ctx.extradata) if ctx.extradata else None, duration)
+                            bytes(ctx.extradata) if ctx.extradata else None, duration, stream.frames or 0)
     except ClipError:
         raise
     except _av_errors():
@@ -152,8 +159,12 @@ def adapted(request: RenderRequest, info: ClipInfo) -> RenderRequest:
                         f"must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}: crop or scale it first")
     if request.width is not None and (request.width, request.height) != (w, h):
         raise ClipError(f"size: {request.width}x{request.height} is not the clip's {w}x{h}; leave it out to take the clip's")
-    if info.duration_s is not None and info.duration_s > MAX_CLIP_SECONDS:
+    if info.duration_s is None:  # a raw stream: its length is known only once decoded through
+        raise ClipError(f"{what} does not say how long it is (a raw stream?); put it in an mp4 or another container first")
+    if info.duration_s > MAX_CLIP_SECONDS:
         raise ClipError(f"{what} is too long ({info.duration_s:.0f} s; at most {MAX_CLIP_SECONDS:.0f} s)")
+    if (frames := info.frames or round(info.duration_s * info.fps)) < MIN_CLIP_FRAMES:
+        raise ClipError(f"{what} is {frames} frame{'s' * (frames != 1)}; a clip to extend has at least {MIN_CLIP_FRAMES}")
     if request.fps != info.fps and "fps" in request.model_fields_set:
         raise ClipError(f"fps: {request.fps} is not the clip's {info.fps} fps; leave it out to take the clip's")
     if (request.fps, request.width, request.height) == (info.fps, w, h):

@@ -31,7 +31,7 @@ def excerpt(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
-_TIMESTAMP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s\s*:\s*(.*?)\s*$", re.S)
+_TIMESTAMP = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*s\s*:\s*(.*?)\s*$", re.S)
 
 
 def parse_prompts(text: str) -> list[tuple[float, str]]:
@@ -57,7 +57,7 @@ def parse_prompts(text: str) -> list[tuple[float, str]]:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", text)
+    m = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", text)
     if not m:
         raise RequestError(f"size: expected WIDTHxHEIGHT such as 640x480, got {excerpt(text)}")
     return int(m.group(1)), int(m.group(2))
@@ -69,7 +69,7 @@ def bucket_size(image_width: int, image_height: int, resolution: int) -> tuple[i
     return nearest_bucket(image_width, image_height, resolution)
 
 
-_LORA_WEIGHT = re.compile(r"^(.*):\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*$", re.S)
+_LORA_WEIGHT = re.compile(r"^(.*):\s*([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*$", re.S)
 
 
 def parse_loras(text: str) -> list[dict]:
@@ -94,7 +94,7 @@ class LoraChoice(BaseModel):
     weight: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
-_KEYFRAME = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*:\s*(.+?)\s*$", re.S)
+_KEYFRAME = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*s?\s*:\s*(.+?)\s*$", re.S)
 
 
 def parse_keyframes(text: str) -> list[dict]:

@@ -9,9 +9,11 @@ a segment waits for its neighbour, the decoded pixels of its seam (`lead_{k:03d}
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 import urllib.error
 import urllib.request
 import uuid
@@ -56,14 +58,35 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *parts])
 
 
-def read_bytes(location: str | os.PathLike) -> bytes:
-    """The bytes of a local file, an http(s) URL or a pyarrow.fs URI (FileNotFoundError if absent)."""
+class TooLarge(StorageError):
+    """An object over the size its reader takes."""
+
+
+def _capped(read, limit: int | None, location) -> bytes:
+    data = read() if limit is None else read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise TooLarge(f"{location} is over {limit:,} bytes")
+    return data
+
+
+def read_bytes(location: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a local file, an http(s) URL or a pyarrow.fs URI (FileNotFoundError if
+    absent). `limit`: at most this many bytes are read (TooLarge past it), and a local path must
+    be a regular file (not a device or pipe that never ends)."""
     if not is_uri(location):
-        return Path(location).read_bytes()
+        path = Path(location)
+        if limit is not None:
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "is a folder", str(location))
+            if not stat.S_ISREG(mode):
+                raise StorageError(errno.EINVAL, "not a regular file", str(location))
+        with path.open("rb") as f:
+            return _capped(f.read, limit, location)
     if str(location).startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(str(location), timeout=30) as r:
-                return r.read()
+                return _capped(r.read, limit, location)
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise FileNotFoundError(location) from None
@@ -74,7 +97,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
     if not _is_file(fs, path):
         raise FileNotFoundError(location)
     with fs.open_input_stream(path) as f:
-        return f.read()
+        return _capped(f.read, limit, location)
 
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:

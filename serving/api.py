@@ -103,7 +103,9 @@ def check_image(data: bytes, what: str) -> None:
         raise HTTPException(422, str(e)) from None
 
 
-KEYFRAME_PART = re.compile(r"^keyframe_(\d+(?:\.\d+)?)s?$")
+URL_DEADLINE_FACTOR = 3  # a request's URLs together get three times one URL's timeout
+SECONDS = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
+KEYFRAME_PART = re.compile(r"^keyframe_([0-9]+(?:\.[0-9]+)?)s?$")
 
 
 async def fetched(url, svc: RenderService, what: str, check=check_image) -> bytes:
@@ -130,12 +132,15 @@ def keyframe_urls(fields: dict) -> list[tuple[float, object]]:
         raise HTTPException(422, "keyframes: expected 'TIME:URL; ...' or a list of {at, image_url}")
     out = []
     for k in parsed:
-        if not isinstance(k.get("at"), (int, float, str)):
-            raise HTTPException(422, f"keyframes: each needs a time, got {excerpt(k, 60)}")
+        at = k.get("at")
+        if isinstance(at, bool) or not isinstance(at, (int, float, str)):
+            raise HTTPException(422, f"keyframes: each needs a time in seconds, got {excerpt(k, 60)}")
         try:
-            out.append((float(k["at"]), k.get("image_url", k.get("image"))))
-        except ValueError:
-            raise HTTPException(422, f"keyframes: a time is a number of seconds, got {excerpt(k['at'], 30)}") from None
+            if isinstance(at, str) and not SECONDS.fullmatch(at):
+                raise ValueError(at)
+            out.append((float(at), k.get("image_url", k.get("image"))))
+        except (ValueError, OverflowError):
+            raise HTTPException(422, f"keyframes: a time is a number of seconds, got {excerpt(at, 30)}") from None
     return out
 
 
@@ -159,6 +164,8 @@ async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | 
             form = await body.form(max_files=3 + MAX_KEYFRAMES, max_fields=64)
             fields = {}
             for key, value in form.multi_items():
+                if key in fields or (key in images and images[key] is not None):
+                    raise HTTPException(422, f"{key if key.isidentifier() and len(key) <= 40 else excerpt(key, 40)}: given twice; give it once")
                 if key in images and hasattr(value, "read"):
                     images[key] = await value.read()
                 elif key.startswith("keyframe_") and hasattr(value, "read"):
@@ -176,6 +183,8 @@ async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | 
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
     urls = {key: fields.pop(f"{key}_url", None) for key in images}
+    if both := [key for key in images if images[key] is not None and urls[key]]:
+        raise HTTPException(422, f"{both[0]}: upload a file or give {both[0]}_url, not both")
     if images["image"] is None and not urls["image"] and images["extend"] is None and not urls["extend"]:
         raise HTTPException(422, "image: upload a file named 'image' or give image_url")  # extending forward, the clip's first frame can start
     keys = sorted([(at, data) for at, data in uploads.items()] + keyframe_urls(fields), key=lambda item: item[0])
@@ -185,20 +194,37 @@ async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | 
         fields["keyframes"] = [{"at": at, "image": "upload"} for at, _ in keys]
     given = {key: images[key] is not None or bool(urls[key]) for key in images}
     checked = to_request(fields, given)  # refused here, before any download
-    for key in images:
-        # a clip is checked where it is stored (serving/service.py), as a file PyAV can stream
-        check = (lambda data, what: None) if key == "extend" else check_image
-        if images[key] is None and urls[key]:
-            images[key] = await fetched(urls[key], svc, f"{key}_url", check)
-        elif images[key] is not None:
-            await asyncio.to_thread(check, images[key], key)
-    key_bytes = []
-    for at, source in keys:
-        if isinstance(source, bytes):
-            await asyncio.to_thread(check_image, source, f"keyframe_{at:g}s")
-            key_bytes.append(source)
-        else:
-            key_bytes.append(await fetched(source, svc, f"keyframes[{at:g}s]"))
+    # All of a request's downloads share one byte budget (the upload cap) and one deadline, so
+    # 67 URLs cannot hold the ingress 67 times as long, with 67 times the memory, as one.
+    deadline = svc.config.url_timeout_s * URL_DEADLINE_FACTOR
+    fetched_bytes = 0
+
+    async def fetch(url, what: str, check=check_image) -> bytes:
+        nonlocal fetched_bytes
+        data = await fetched(url, svc, what, check)
+        fetched_bytes += len(data)
+        if fetched_bytes > limit:
+            raise HTTPException(413, f"{what}: the images this request names are over the limit of {limit} bytes together")
+        return data
+
+    try:
+        async with asyncio.timeout(deadline):
+            for key in images:
+                # a clip is checked where it is stored (serving/service.py), as a file PyAV can stream
+                check = (lambda data, what: None) if key == "extend" else check_image
+                if images[key] is None and urls[key]:
+                    images[key] = await fetch(urls[key], f"{key}_url", check)
+                elif images[key] is not None:
+                    await asyncio.to_thread(check, images[key], key)
+            key_bytes = []
+            for at, source in keys:
+                if isinstance(source, bytes):
+                    await asyncio.to_thread(check_image, source, f"keyframe_{at:g}s")
+                    key_bytes.append(source)
+                else:
+                    key_bytes.append(await fetch(source, f"keyframes[{at:g}s]"))
+    except TimeoutError:
+        raise HTTPException(422, f"the URLs this request names took over {deadline:g} s to fetch together") from None
     return checked, images, key_bytes
 
 
@@ -410,7 +436,7 @@ def make_api() -> FastAPI:
         """The finished time-ordered prefix as a fragmented mp4 (forward and bidirectional
         schedules finish the start early); it grows while the render runs."""
         authorize(request)
-        record_or_404(request, rid)
+        await record_or_404(request, rid)
         path = service(request).progressive_path(rid)
         if not path.is_file():
             raise HTTPException(404, f"render {rid} has no finished prefix yet")

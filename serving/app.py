@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from fp_ray import TINY_CHECKPOINT
-from fp_ray.actors import LOST
+from fp_ray.actors import LOST, own_error
 from fp_ray.coordinator import WorkerLost
 from fp_ray.encode import Encoded
 from fp_ray.lora import LoraError, LoraRegistry
@@ -85,7 +85,7 @@ class ServePools:
         self.encoder, self.generator, self.decoder = encoder, generator, decoder
 
     async def encode(self, request: RenderRequest, images: tuple[bytes | None, ...] | None = None) -> Encoded:
-        return await self.encoder.encode.remote(request, images)
+        return await own_error(self.encoder.encode.remote(request, images))
 
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
         stream = self.generator.options(stream=True).generate.remote(job)

@@ -131,6 +131,22 @@ def test_request_combinations_are_refused():
         make_request(**NEW, schedule="forward", extend="c.mp4", keyframes="0.4s:k.png")
 
 
+def raw_stream(path):
+    """An H.264 elementary stream: frames, no container, no duration in any header."""
+    import av
+
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def bad_clips(tmp_path, clip):
     """(file, flags, expected message) for each kind of clip that cannot be extended."""
     text = tmp_path / "notes.mp4"
@@ -154,6 +170,8 @@ def bad_clips(tmp_path, clip):
         (truncated, [], "not a video|corrupt|has no frames"),
         (audio, [], "has no video stream"),
         (SAMPLE_IMAGE, [], "is a still image, not a video"),
+        (foreign_clip(tmp_path / "one.mp4", np.zeros((1, 64, 64, 3), np.uint8)), [], "is 1 frame; a clip to extend has at least 5"),
+        (raw_stream(tmp_path / "raw.h264"), [], "does not say how long it is"),
         (odd, [], "multiple of 16"),
         (wide, [], "2064x32.*between 32 and 2048"),
         (clip, ["--size", "128x64"], "not the clip's 64x64"),
@@ -257,6 +275,15 @@ def test_extension_on_ray_actors_is_byte_identical_to_local(ray_cluster, compone
     try:
         pools.wait_ready()
         distributed = asyncio.run(run_render(request, pools, out=tmp_path / "ray.mp4"))
+        # a clip whose header reads but whose frames do not: the encoder actor's own error, one line
+        data = bytearray(clip.read_bytes())
+        at = data.find(b"mdat") + 8 + (len(data) - data.find(b"mdat")) // 3
+        data[at : at + 2000] = b"\xff" * 2000
+        (tmp_path / "corrupt.mp4").write_bytes(bytes(data))
+        with pytest.raises(ClipError) as caught:
+            asyncio.run(run_render(make_request(**NEW, schedule="forward", extend=str(tmp_path / "corrupt.mp4")), pools,
+                                   out=tmp_path / "bad.mp4"))
+        assert type(caught.value) is ClipError and "\n" not in str(caught.value) and "is corrupt" in str(caught.value)
     finally:
         pools.shutdown()
     local = render(request, tmp_path / "local.mp4", components=components)

@@ -195,3 +195,19 @@ def test_a_loop_with_keyframes_ends_its_last_span_on_the_start_image(components,
     assert cond.image_draws == 2  # the start image, the keyframe: a loop's end is no draw of its own
     video = render(request, tmp_path / "loop.mp4", components=components)
     assert video.frames == encoded.plan.pixel_frames
+
+
+def test_image_inputs_that_never_end_or_are_folders_are_refused_unread(tmp_path, capsys):
+    """A device, a folder or a file over the byte cap given as an image is one line, exit 2,
+    without reading it (a keyframe at /dev/zero once filled the memory)."""
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(300 * 2**20)  # sparse: 300 MB of zeros on no disk
+    common = ["render", "--seconds", "2", "--window", "3", "--schedule", "bidirectional", "--out", str(tmp_path / "v.mp4")]
+    for extra, message in [(["--keyframe", "0.4s:/dev/zero"], "keyframes[0.4s]: cannot read '/dev/zero': not a regular file"),
+                           (["--keyframe", f"0.4s:{tmp_path}"], "is a folder, not an image"),
+                           (["--image", str(big), "--prompt", "p"], "is over 256 MB, too large for an image")]:
+        assert cli.main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert not (tmp_path / "v.mp4").exists()

@@ -269,6 +269,22 @@ def test_other_bad_requests(app):
     assert big.status_code == 413
     assert client.get("/v1/renders/nope").status_code == 404
     assert client.get("/v1/renders/nope/video.mp4").status_code == 404
+    assert client.get("/v1/renders/nope/progressive.mp4").status_code == 404
+    assert client.get("/v1/renders/%2E%2E/progressive.mp4").status_code == 404  # never a file outside a render
+    assert client.get(f"/v1/renders/{'a' * 300}/progressive.mp4").status_code == 404
+    start = ("image", ("start.png", SAMPLE_IMAGE.read_bytes(), "image/png"))
+    bidirectional = {**SMALL, "seconds": "3.6", "schedule": "bidirectional"}
+    for data, files, reason in [
+        (SMALL, [start, start], "image: given twice"),
+        ({**SMALL, "image_url": "https://example.com/a.png"}, [start], "image: upload a file or give image_url, not both"),
+        (bidirectional, [start, ("keyframe_\u0663s", ("k.png", SAMPLE_IMAGE.read_bytes(), "image/png"))], "keyframe_<seconds>s"),
+    ]:
+        r = client.post("/v1/renders", data=data, files=files)
+        assert r.status_code == 422 and reason in r.json()["detail"], r.text
+    for at in (True, "1_0", int("1" + "0" * 400), "nan"):
+        r = client.post("/v1/renders", json={**SMALL, "image_url": "https://example.com/a.png", "schedule": "bidirectional",
+                                             "seconds": 3.6, "keyframes": [{"at": at, "image_url": "https://example.com/k.png"}]})
+        assert r.status_code == 422 and r.json()["detail"].startswith("keyframes:"), (at, r.text)
 
 
 def test_restart_keeps_records_and_resumes_unfinished_renders(app):
@@ -488,6 +504,41 @@ def test_image_urls_are_refused_uniformly(app, hostile_server):
         assert r.status_code == 422, (url, r.text)
         details.add(r.json()["detail"])
     assert details == {"image_url: could not fetch an image from that URL"}
+
+
+@pytest.fixture
+def slow_image_server():
+    """A loopback server that answers every request with the sample image after 1.5 s."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = SAMPLE_IMAGE.read_bytes()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(1.5)  # the slowness under test: a server that takes its time, within each URL's timeout
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_urls_of_one_request_share_one_deadline(app, slow_image_server):
+    """Each URL answers within its own timeout (2 s here), but five of them one after another
+    take longer than the request's three timeouts together: refused, not held for 5 x 2 s."""
+    client, _ = app
+    keyframes = [{"at": 1.2 * (i + 1), "image_url": f"{slow_image_server}/k{i}.png"} for i in range(4)]
+    r = client.post("/v1/renders", json={**SMALL, "image_url": f"{slow_image_server}/start.png", "schedule": "bidirectional",
+                                         "seconds": 6.0, "keyframes": keyframes})
+    assert r.status_code == 422 and "took over 6 s to fetch together" in r.json()["detail"], r.text
 
 
 def test_a_request_that_will_be_refused_fetches_nothing(app, hostile_server):
