@@ -31,6 +31,13 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLE_PROMPT = "A quiet mountain valley on a sunny day, the camera slowly moves forward, trees sway in the wind."
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are one line on stderr and exit 2, as every other bad input (`-h` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 class CliError(Exception):
     """Reported as one line on stderr with exit code 2."""
 
@@ -496,7 +503,7 @@ def quiet_ray_data(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fp-ray", description="Render long FramePack videos, locally or on Ray.")
+    parser = OneLineParser(prog="fp-ray", description="Render long FramePack videos, locally or on Ray.")
     parser.add_argument("--version", action="version", version=f"fp-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logs and loading bars")
     sub = parser.add_subparsers(dest="command", required=True)

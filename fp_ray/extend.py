@@ -89,6 +89,8 @@ def local_clip(location: str) -> Iterator[Path]:
     what = f"extend: {excerpt(location, 200)}"
     if not is_uri(location):
         path = Path(location).expanduser()
+        if path.is_dir():
+            raise ClipError(f"{what}: is a folder, not a video")
         if not path.is_file():
             raise ClipError(f"{what}: file not found")
         yield path

@@ -72,6 +72,10 @@ def bucket_size(image_width: int, image_height: int, resolution: int) -> tuple[i
 _LORA_WEIGHT = re.compile(r"^(.*):\s*([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*$", re.S)
 
 
+# what a user means as a weight but is none: nan, inf, 1e999
+_LORA_BAD_WEIGHT = re.compile(r"^.*:\s*[-+]?(?:nan|inf(?:inity)?|[0-9.]*e[-+]?[0-9]+)\s*$", re.S | re.I)
+
+
 def parse_loras(text: str) -> list[dict]:
     """'style.safetensors:0.8, owner/repo' -> [{name, weight: 0.8}, {name, weight: 1.0}]: a
     LoRA's path, hub id or registered name, then optionally ':' and its weight."""
@@ -80,6 +84,8 @@ def parse_loras(text: str) -> list[dict]:
         if not part:
             continue
         m = _LORA_WEIGHT.match(part)
+        if not m and _LORA_BAD_WEIGHT.match(part):
+            raise RequestError(f"loras: a weight is a plain number such as 0.8, got {excerpt(part)}")
         items.append({"name": m.group(1).strip(), "weight": float(m.group(2))} if m else {"name": part})
     return items
 

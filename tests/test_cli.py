@@ -214,3 +214,11 @@ def test_from_notes_another_version_or_model(rendered, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "rendered with fp-ray 0.0.1" in captured.err and "this model (transformer) is not the one recorded" in captured.err
     assert "64x48" in captured.out  # the recorded size, planned again
+
+
+def test_bad_flags_are_one_line_too(capsys):
+    for argv in (["render", "--steps", "abc"], ["render", "--keyframe"], ["nonsense"], ["render", "--bogus"]):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert caught.value.code == 2 and "\n" not in err and err.startswith("fp-ray"), err

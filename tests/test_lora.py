@@ -221,3 +221,9 @@ def test_video_records_its_loras_hashes_and_from_notes_a_changed_file(tmp_path, 
     shutil.copy(loras["mlp"], lora)  # the same path, another file
     assert main(["render", "--from", str(out), "--out", str(tmp_path / "other.mp4")]) == 0
     assert f"LoRA {lora} is not the file recorded" in capsys.readouterr().err
+
+
+def test_a_weight_that_is_no_plain_number_is_named_as_such():
+    for text in ("x:nan", "x:1e999", "x:-inf"):
+        with pytest.raises(RequestError, match="a weight is a plain number such as 0.8"):
+            make_request(prompt="p", loras=text)
