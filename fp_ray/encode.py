@@ -338,11 +338,14 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     already, `loras` its LoRAs' files (None: found as paths or hub ids)."""
     loras = LoraRegistry().resolve(request.loras) if loras is None else loras
     images = images or read_request_images(request)
+    clip = None
     if request.extend is not None:
-        from .extend import encode_extension  # it builds on this module
+        from .extend import encode_clip_inputs  # it builds on this module
 
-        return encode_extension(c, request, images, loras)
-    start, end, keys = decode_request_images(request, images)
+        clip = encode_clip_inputs(c, request, images)
+        request, start, end, keys = clip.request, clip.start, clip.end, ()
+    else:
+        start, end, keys = decode_request_images(request, images)
     width, height = frame_size(request, *start.size)
     plan = plan_request(request, width, height)
     # The official demo encodes n_prompt only when cfg is above 1 (zeros stand in otherwise,
@@ -351,8 +354,11 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative, keys)
     if request.loop:  # the end is the start latent itself, not a second posterior sample
         cond = replace(cond, end_latent=cond.start_latent, end_is_start=True, end_embeds=cond.start_embeds)
+    if clip is not None:  # end_latent stays None: the clip's latents (frame 0 first) are the future instead
+        cond = replace(cond, end_latent=None, clip=clip.latents)
+    clip_sha = None if clip is None else clip.sha256
     spec = c.spec
     provenance = Provenance(sha256(images[0]), None if images[1] is None else sha256(images[1]),
                             model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]),
-                            tuple(f.digest for f in loras))
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras), loras, provenance)
+                            tuple(f.digest for f in loras), clip_sha)
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras, clip_sha), loras, provenance)

@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import shutil
 import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -43,11 +42,12 @@ from pydantic import ValidationError
 
 from .packing import HISTORY_FRAMES
 from .request import MAX_SIDE, MIN_SIDE, RenderRequest, RequestError, excerpt
-from .storage import file_sha256
+from .storage import file_sha256, is_uri
 
 if TYPE_CHECKING:
-    from .encode import Conditioning, Encoded
-    from .lora import LoraFile
+    from PIL import Image
+
+    from .encode import Conditioning
     from .models import Components
     from .schedule import Plan, Section
 
@@ -84,7 +84,7 @@ def forward(request: RenderRequest) -> bool:
 def local_clip(location: str) -> Iterator[Path]:
     """The clip as a local file: a path as it is; a URL or pyarrow.fs URI streamed into a
     temporary file (never whole in memory), removed after."""
-    from .storage import filesystem, is_uri
+    from .storage import open_remote
 
     what = f"extend: {excerpt(location, 200)}"
     if not is_uri(location):
@@ -98,23 +98,17 @@ def local_clip(location: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
         path = Path(tmp) / "clip"
         try:
-            if str(location).startswith(("http://", "https://")):
-                source = contextlib.closing(urllib.request.urlopen(str(location), timeout=30))
-            else:
-                fs, inner = filesystem(location)
-                source = fs.open_input_stream(inner)
-            with source as src, path.open("wb") as dst:
+            with open_remote(location) as src, path.open("wb") as dst:
                 copied = 0
                 while block := src.read(CHUNK):
                     copied += len(block)
                     if copied > MAX_CLIP_BYTES:
                         raise ClipError(f"{what}: is over {MAX_CLIP_BYTES // 2**30} GB")
                     dst.write(block)
-        except (FileNotFoundError, urllib.error.HTTPError) as e:
-            code = getattr(e, "code", 404)
-            raise ClipError(f"{what}: {'file not found' if code == 404 else f'HTTP {code}'}") from None
-        except (OSError, ValueError, urllib.error.URLError) as e:
-            raise ClipError(f"{what}: cannot read it: {getattr(e, 'reason', None) or e}") from None
+        except FileNotFoundError:
+            raise ClipError(f"{what}: file not found") from None
+        except (OSError, ValueError) as e:  # StorageError (an HTTP error, an unreachable host) is an OSError
+            raise ClipError(f"{what}: cannot read it: {e}") from None
         yield path
 
 
@@ -254,23 +248,28 @@ def encode_clip(c: "Components", frames: np.ndarray) -> torch.Tensor:
     return (latents * c.vae.config.scaling_factor).to(torch.float32)
 
 
-def encode_extension(c: "Components", request: RenderRequest, images: tuple[bytes | None, ...],
-                     loras: tuple["LoraFile", ...]) -> "Encoded":
-    """`encode_request` for a request that extends a clip: the plan of the new part at the
-    clip's size, the conditioning with the clip's context latents (`Conditioning.clip`)."""
+@dataclass(frozen=True)
+class EncodedClip:
+    """What encoding an extension takes from its clip."""
+
+    request: RenderRequest  # adapted to the clip's size and fps
+    start: "Image.Image"  # the start image: --image, or forward the clip's first frame
+    end: "Image.Image | None"  # backward, the clip's first frame: its SigLIP embedding joins the start's
+    latents: torch.Tensor  # the clip's context latent frames (Conditioning.clip)
+    sha256: str
+
+
+def encode_clip_inputs(c: "Components", request: RenderRequest, images: tuple[bytes | None, ...]) -> EncodedClip:
+    """The clip's part of `encode_request` for a request that extends one: read once, streamed."""
     from PIL import Image
 
-    from .encode import Encoded, decode_image, encode, plan_request, request_fingerprint
-    from .metadata import Provenance, model_identity, sha256
+    from .encode import decode_image
 
     what = f"extend: {excerpt(request.extend, 120)}"
     with local_clip(request.extend) as path:
-        info = probe(path, what)
-        request = adapted(request, info)
+        request = adapted(request, probe(path, what))
         clip_sha = file_sha256(path)
         first, frames = read_context(path, what, forward(request), context_frames(request.window))
-    width, height = request.width, request.height
-    plan = plan_request(request, width, height)
     clip_first = Image.fromarray(first)
     if forward(request):
         # The start image (prefix and SigLIP input) is the clip's first frame unless an image is
@@ -282,15 +281,7 @@ def encode_extension(c: "Components", request: RenderRequest, images: tuple[byte
         # Backward, the clip's first frame is the end image: its SigLIP embedding is averaged with
         # the start's as an end image's is; its latent leads the future as the clip's frame 0.
         start, end = decode_image(images[0], "image", request.image_path), clip_first
-    negative = request.negative_prompt if request.cfg > 1 else None
-    cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative)
-    # end_latent stays None: the clip's latents (frame 0 first) are the future context instead.
-    cond = replace(cond, end_latent=None, clip=encode_clip(c, frames))
-    spec = c.spec
-    provenance = Provenance(sha256(images[0]), None, model_identity(spec.model, spec.base, spec.image_encoder),
-                            lora_sha256=tuple(f.digest for f in loras), extend_sha256=clip_sha)
-    fingerprint = request_fingerprint(request, (images[0], None), loras, clip_sha)
-    return Encoded(request, plan, cond.cpu(), fingerprint, loras, provenance)
+    return EncodedClip(request, start, end, encode_clip(c, frames), clip_sha)
 
 
 # ---- the seam and the output -------------------------------------------------------------
@@ -345,35 +336,59 @@ def clip_frames(path: Path) -> Iterator[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
-def with_clip(request: RenderRequest, segments: Iterable[bytes], *, start: bool = True, end: bool = True,
-              sha256: str | None = None) -> Iterator[bytes | str]:
-    """The parts of the output in time order: the new segments, with the clip before them
-    (forward) or after them (inverted), as a local mp4 path whose packets join with theirs.
-    `start` / `end`: whether these segments begin / end the new part (a progressive output
-    gets them one at a time); the clip goes only where it touches them. `sha256`: the clip's
-    as it was encoded; a clip that changed since is a ClipError, not a video of two clips."""
-    segments = iter(segments)
-    clip_first = forward(request) and start
-    if request.extend is None or not (clip_first or (not forward(request) and end)):
-        yield from segments
-        return
-    from .video import encode_frames
+class ClipJoin:
+    """The clip as the output joins it: the new segments with the clip before them (forward)
+    or after them (inverted), as a local mp4 whose packets join with theirs. The clip is
+    prepared once per render (checked against its hash, downloaded, re-encoded where its
+    packets cannot be copied), and the progressive output and the final mp4 share it. `sha256`:
+    the clip's as it was encoded; one that changed since is a ClipError, not a video of two clips."""
 
-    first = next(segments)
-    with local_clip(request.extend) as path, tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
-        if sha256 is not None and (now := file_sha256(path)) != sha256:
-            raise ClipError(f"extend: {excerpt(request.extend, 120)} changed while it rendered (sha256 {now[:16]}..., "
-                            f"encoded {sha256[:16]}...); render it again")
-        clip = str(path)
-        if not _stream_matches(path, first, request.fps):
-            clip = str(Path(tmp) / "clip.mp4")
-            try:
-                encode_frames(clip_frames(path), clip, request.fps, request.crf)
-            except _av_errors():
-                raise ClipError(f"extend: {excerpt(request.extend, 120)}: is corrupt (a frame does not decode)") from None
+    def __init__(self, request: RenderRequest, sha256: str | None = None):
+        self.request, self.sha256 = request, sha256
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._path: str | None = None
+
+    def parts(self, segments: Iterable[bytes], *, start: bool = True, end: bool = True) -> Iterator[bytes | str]:
+        """The parts in time order. `start` / `end`: whether these segments begin / end the new
+        part (a progressive output gets them one at a time); the clip goes only where it touches them."""
+        segments = iter(segments)
+        clip_first = forward(self.request) and start
+        if self.request.extend is None or not (clip_first or (not forward(self.request) and end)):
+            yield from segments
+            return
+        first = next(segments)
+        clip = self._prepared(first)
         if clip_first:
             yield clip
         yield first
         yield from segments
         if not clip_first:
             yield clip
+
+    def _prepared(self, segment: bytes) -> str:
+        if self._path is not None:
+            return self._path
+        from .video import encode_frames
+
+        what = f"extend: {excerpt(self.request.extend, 120)}"
+        self._dir = tempfile.TemporaryDirectory(prefix="fp-ray-clip-")
+        target = Path(self._dir.name) / "clip.mp4"
+        with local_clip(self.request.extend) as path:
+            if self.sha256 is not None and (now := file_sha256(path)) != self.sha256:
+                raise ClipError(f"{what} changed while it rendered (sha256 {now[:16]}..., encoded {self.sha256[:16]}...); "
+                                "render it again")
+            if not _stream_matches(path, segment, self.request.fps):
+                try:
+                    encode_frames(clip_frames(path), str(target), self.request.fps, self.request.crf)
+                except _av_errors():
+                    raise ClipError(f"{what}: is corrupt (a frame does not decode)") from None
+            elif is_uri(self.request.extend):
+                shutil.move(path, target)  # a download: kept for the parts still to come
+            else:
+                target = path  # a local file: joined where it is
+        self._path = str(target)
+        return self._path
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()

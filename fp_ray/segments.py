@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 
 from .decode import next_chunk, previous_chunk
-from .extend import new_segment_frames, with_clip
+from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, read_bytes, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
@@ -60,6 +60,7 @@ class Segments:
         self._progressive_path = Path(progressive) if progressive is not None else None
         self._progressive: SegmentJoiner | None = None
         self.frames_written: int | None = None  # the mp4's frames, once written (an extension's clip too)
+        self._clip = ClipJoin(ctx.request, ctx.clip_sha256)  # an extended clip's own frames, prepared once
 
     def _has(self, k: int, kind: str) -> bool:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
@@ -158,8 +159,7 @@ class Segments:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        for part in with_clip(self.ctx.request, [read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1,
-                              sha256=self.ctx.clip_sha256):
+        for part in self._clip.parts([read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
             self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
@@ -188,6 +188,7 @@ class Segments:
             task.cancel()
         if self._progressive is not None and self.prefix < self.n:
             self._progressive.close()  # what was published stays playable
+        self._clip.close()
 
     def segments(self) -> Iterator[bytes]:
         """The segments' bytes in time order, one at a time."""
@@ -202,14 +203,17 @@ class Segments:
         re-encode; the render record goes in its tags and, once the mp4 is in place, in the
         sidecar `{out}.json` (each written whole or not at all)."""
         fps = self.ctx.request.fps
-        parts = with_clip(self.ctx.request, self.segments(), sha256=self.ctx.clip_sha256)  # an extended clip's own frames
-        if not is_uri(out):
-            self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
-                self.frames_written = frame_count(local)
-                write_bytes(str(out), local.read_bytes())
+        parts = self._clip.parts(self.segments())  # an extended clip's own frames, before or after
+        try:
+            if not is_uri(out):
+                self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+                    self.frames_written = frame_count(local)
+                    write_bytes(str(out), local.read_bytes())
+        finally:
+            self._clip.close()
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
         return str(out)

@@ -9,6 +9,7 @@ a segment waits for its neighbour, the decoded pixels of its seam (`lead_{k:03d}
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -17,6 +18,7 @@ import stat
 import urllib.error
 import urllib.request
 import uuid
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -83,21 +85,30 @@ def read_bytes(location: str | os.PathLike, limit: int | None = None) -> bytes:
                 raise StorageError(errno.EINVAL, "not a regular file", str(location))
         with path.open("rb") as f:
             return _capped(f.read, limit, location)
-    if str(location).startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(str(location), timeout=30) as r:
-                return _capped(r.read, limit, location)
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(location) from None
-            raise StorageError(f"cannot fetch {location}: HTTP {e.code}") from None
-        except urllib.error.URLError as e:
-            raise StorageError(f"cannot fetch {location}: {e.reason}") from None
-    fs, path = filesystem(location)
-    if not _is_file(fs, path):
-        raise FileNotFoundError(location)
-    with fs.open_input_stream(path) as f:
+    with open_remote(location) as f:
         return _capped(f.read, limit, location)
+
+
+@contextlib.contextmanager
+def open_remote(location: str) -> Iterator:
+    """An http(s) URL or pyarrow.fs URI as a stream to read from (`.read(n)`): FileNotFoundError
+    if absent, StorageError if it cannot be fetched."""
+    if not str(location).startswith(("http://", "https://")):
+        fs, path = filesystem(location)
+        if not _is_file(fs, path):
+            raise FileNotFoundError(location)
+        with fs.open_input_stream(path) as f:
+            yield f
+        return
+    try:
+        with urllib.request.urlopen(str(location), timeout=30) as r:
+            yield r
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(location) from None
+        raise StorageError(f"cannot fetch {location}: HTTP {e.code}") from None
+    except urllib.error.URLError as e:
+        raise StorageError(f"cannot fetch {location}: {e.reason}") from None
 
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
