@@ -76,7 +76,7 @@ class Runner:
             self.write()
             return None
         limit = max(1.0, min(self.setup.part_timeout_s, self.left()))
-        t = time.perf_counter()
+        t, before = time.perf_counter(), m.dynamo_counts()
         signal.setitimer(signal.ITIMER_REAL, limit)
         try:
             record.update(fn() or {}, status="ok")
@@ -89,10 +89,12 @@ class Runner:
             signal.setitimer(signal.ITIMER_REAL, 0)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         record["seconds"] = time.perf_counter() - t
+        after = m.dynamo_counts()
+        record["dynamo"] = {k: v - before[k] for k, v in after.items() if v != before[k]}
         if self.setup.device == "cuda":
             record["gpu_after"] = gpu_state()
         print(f"[{name}] {record['status']} in {record['seconds']:.1f} s: "
-              f"{ {k: v for k, v in record.items() if k not in ('status', 'seconds', 'trace', 'top', 'all')} }", flush=True)
+              f"{ {k: v for k, v in record.items() if k not in ('status', 'seconds', 'trace', 'top', 'all', 'step_s', 'residual_changes')} }", flush=True)
         self.write()
         return record if record["status"] == "ok" else None
 
@@ -132,7 +134,8 @@ def compare(ref: dict, ours: dict) -> dict:
 
 
 def summary(run: dict) -> dict:
-    return {"total_s": run["total_s"], "section_s": run["section_s"], "decode_s": run["decode_s"], "peak_gib": run["peak_gib"]}
+    keys = ("total_s", "section_s", "decode_s", "step_s", "peak_gib")
+    return {k: run[k] for k in keys if k in run}
 
 
 class StepCount:
@@ -164,6 +167,13 @@ class StepCount:
         self.cls._should_compute_remaining_blocks = self.original
 
 
+def compile_times_table() -> list[str]:
+    """Where compile time went so far (dynamo, AOT, Inductor phases), as torch reports it."""
+    from torch._dynamo.utils import compile_times
+
+    return str(compile_times(repr="str", aggregate=True)).splitlines()[:40]
+
+
 def gpu_state() -> dict | None:
     """SM clock, temperature and power now (nvidia-smi), to tell a slow part from a slow card."""
     try:
@@ -176,6 +186,8 @@ def gpu_state() -> dict | None:
 
 def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = None) -> dict:
     runner = Runner(setup, out, setup.budget_s, parts)
+    # a recompile, a graph break or a block left eager is named in the log, with its reason
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)
     device = torch.device(setup.device)
     state: dict = {}
     (w, h), sizes = setup.sizes[0], setup.sizes
@@ -263,7 +275,7 @@ def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = No
         state["compiled"] = True
         r = timed(main_size, True, warmup=2)
         state["compile_s"] = r["warmup_s"]
-        return {"backend": state.get("backend"), main_size: r}
+        return {"backend": state.get("backend"), main_size: r, "compile_times": compile_times_table()}
 
     # a (re)compile takes about as long as the first one did; 30 s is a guess before that
     recompile = lambda: state.get("compile_s", 30) + 4 * t_fwd()
@@ -285,7 +297,7 @@ def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = No
     def fp8():
         quantize_fp8(c.transformer, c.device)
         state["fp8"] = True
-        return {main_size: timed(main_size, True, warmup=2)}
+        return {main_size: timed(main_size, True, warmup=2), "compile_times": compile_times_table()}
 
     runner.run("fp8_forward", fp8, recompile())
 

@@ -153,6 +153,18 @@ def count_syncs(steps_iter, skip_first: int = 1) -> dict:
     return {"per_step": per_step, "where": where}
 
 
+def dynamo_counts() -> dict:
+    """torch.compile's running totals: graphs compiled, recompiles, graph breaks, and frames
+    it gave up on (a compiled block that ran eager would show here, not in a timing)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"], "frames_ok": counters["frames"]["ok"],
+        "frames_total": counters["frames"]["total"], "recompiles": sum(counters["recompiles"].values()),
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
@@ -218,7 +230,7 @@ def run_fp_ray(c: Components, plan: Plan, cond: Conditioning, request: RenderReq
     c.vae.enable_tiling(tile_sample_min_height=256, tile_sample_min_width=256)  # as load_components sets it
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    done, chunks, section_s, decode_s = {}, {}, [], {}
+    done, chunks, section_s, decode_s, step_s = {}, {}, [], {}, []
     pending = set(s.position for s in plan.sections)
     states = noise_stream(plan, cond, request.seed).section_states(plan.num_sections)
 
@@ -235,9 +247,15 @@ def run_fp_ray(c: Components, plan: Plan, cond: Conditioning, request: RenderReq
         t0 = now(device)
         with ThreadPoolExecutor(1) as pool:
             for section in plan.sections:
-                events = list(generator.generate(SectionJob(shared, section.position, dict(done))))
+                marks, events = [], []
+                for event in generator.generate(SectionJob(shared, section.position, dict(done))):
+                    marks.append(time.perf_counter())
+                    events.append(event)
                 done[section.position] = events[-1]["latents"]
                 section_s.append(events[-1]["seconds"])
+                # diffusers' forward syncs once near its start, so a step's host time is close
+                # to the GPU time of the step before it: a slow loop shows here step by step
+                step_s.append([round(b - a, 4) for a, b in zip(marks, marks[1:])])
                 for s in plan.sections:
                     if s.position in pending and all(p in done for p in s.decode_needs):
                         pending.discard(s.position)
@@ -249,4 +267,4 @@ def run_fp_ray(c: Components, plan: Plan, cond: Conditioning, request: RenderReq
         total = now(device) - t0
     latents = [done[s.position] for s in plan.sections]
     return {"total_s": total, "section_s": section_s, "decode_s": [decode_s[p] for p in sorted(decode_s)],
-            "latents": latents, "frames": frames, "peak_gib": peak_gib(device)}
+            "step_s": step_s, "latents": latents, "frames": frames, "peak_gib": peak_gib(device)}
