@@ -62,6 +62,7 @@ class RenderResult:
     plan: Plan
     latents: torch.Tensor | None  # keep_latents: (1, 16, 1 + N*window, h, w), start latent + all sections
     frames: int  # pixel frames in the video
+    new_frames: int = 0  # of those, the ones this render made (an extension's clip is not)
     request_id: str = ""
     fingerprint: str = ""
     store: str = ""  # where the segments are (SectionStore root)
@@ -299,6 +300,6 @@ async def run_render(
     emit({"type": "finished", "request_id": rid, "path": path, "frames": frames, "timings": timings})
     return RenderResult(
         path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=latents,
-        frames=frames, request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
+        frames=frames, new_frames=sum(segments.frames), request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
         generated=sorted(set(done) - set(reused)), reused=reused, segments_reused=segments.reused, timings=timings,
     )

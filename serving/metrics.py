@@ -18,7 +18,7 @@ class Metrics:
                                          buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300))
         self.steps = Counter("fp_ray_steps", "Sampler steps run (rate() gives steps/s)", registry=r)
         self.steps_per_second = Gauge("fp_ray_steps_per_second", "Steps/s of the last finished section", registry=r)
-        self.video_seconds = Counter("fp_ray_video_seconds", "Seconds of video produced", registry=r)
+        self.video_seconds = Counter("fp_ray_video_seconds", "Seconds of video generated (an extended clip not counted)", registry=r)
         self.decode_seconds = Histogram("fp_ray_decode_seconds", "Seconds from asking for a chunk's decode to having it (queueing included)", registry=r,
                                         buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60))
         self.storage_bytes = Gauge("fp_ray_storage_bytes", "Bytes under the storage folder (renders and checkpoints)", registry=r)

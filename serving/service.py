@@ -292,7 +292,7 @@ class RenderService:
         else:
             if ended := await self.db(self.records.update, rid, owner, status="finished", frames=result.frames, eta_s=0.0):
                 self.metrics.finished.inc()
-                self.metrics.video_seconds.inc(result.frames / request.fps)
+                self.metrics.video_seconds.inc(result.new_frames / request.fps)  # an extended clip is not produced here
                 self._publish(render, {"type": "finished", "frames": result.frames})
         finally:
             self.metrics.queue_depth.dec()

@@ -48,7 +48,7 @@ def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp
     assert np.array_equal(read_frames(tmp_path / "live.mp4"), out)  # the progressive output starts with the clip too
     plan = result.plan
     assert out.shape == (len(original) + 4 * plan.num_sections * plan.window, 64, 64, 3) == (49, 64, 64, 3)
-    assert result.frames == 49
+    assert result.frames == 49 and result.new_frames == new == 24  # the clip's frames are not new
     assert np.array_equal(out[: len(original)], original)  # packets copied: bit-exact
     record = read_metadata(result.path)
     assert record["images"]["extend"]["sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
@@ -56,12 +56,18 @@ def test_forward_extension_keeps_the_clip_and_continues_it(components, clip, tmp
     assert (record["request"]["width"], record["request"]["fps"]) == (64, 30)
 
 
-def test_backward_extension_ends_on_the_clip(components, clip, tmp_path):
+def test_backward_extension_ends_on_the_clip(components, clip, tmp_path, monkeypatch):
+    import fp_ray.encode
+
+    encoded = []  # VAE encodes of single images: the start only (the clip's first frame needs its SigLIP embedding alone)
+    monkeypatch.setattr(fp_ray.encode, "encode_latent", lambda *a, f=fp_ray.encode.encode_latent: encoded.append(1) or f(*a))
     request = make_request(**NEW, schedule="inverted", image=str(SAMPLE_IMAGE), extend=str(clip))
     result = render(request, tmp_path / "out.mp4", components=components, progressive=tmp_path / "live.mp4")
+    assert len(encoded) == 1
     original, out = read_frames(clip), read_frames(result.path)
     assert np.array_equal(read_frames(tmp_path / "live.mp4"), out)
     assert out.shape[0] == len(original) + result.plan.pixel_frames == result.frames == 50
+    assert result.new_frames == result.plan.pixel_frames
     assert np.array_equal(out[-len(original):], original)
 
 
@@ -236,6 +242,7 @@ def test_serve_extends_an_uploaded_clip_and_refuses_paths(components, clip, tmp_
     from fp_ray.render import LocalPools
     from serving.api import bind_service, make_api
     from serving.service import RenderService
+    from test_serving import metric
 
     bind_service(RenderService(LocalPools.from_components(components), str(TINY_CHECKPOINT), str(tmp_path / "srv")))
     fields = {"prompt": "a lake", "schedule": "forward", "steps": "2", "window": "2", "seconds": "0.8", "sampler": "euler"}
@@ -257,6 +264,7 @@ def test_serve_extends_an_uploaded_clip_and_refuses_paths(components, clip, tmp_
         assert record["status"] == "finished", record
         assert "extend" not in record["request"] and record["request"]["width"] == 64
         video = client.get(f"/v1/renders/{rid}/video.mp4").content
+        assert metric(client, "fp_ray_video_seconds_total") == 24 / 30  # generated seconds: not the clip's
     (tmp_path / "out.mp4").write_bytes(video)
     original = read_frames(clip)
     out = read_frames(tmp_path / "out.mp4")

@@ -74,7 +74,7 @@ def test_previews_written_per_section(components, tmp_path):
     assert len(previews) == result.plan.num_sections == 3
     lengths = [len(read_frames(p)) for p in previews]
     # the video's segments: chunk 0 up to its seam, then each seam with what follows it
-    assert lengths == [40, 36, 33] and sum(lengths) == result.frames
+    assert lengths == [40, 36, 33] and sum(lengths) == result.frames == result.new_frames
 
 
 def test_section_prompts_are_encoded_separately(components):
