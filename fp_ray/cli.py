@@ -94,7 +94,11 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
     # FP8's per-call activation scaling is fused only in compiled code: fast mode compiles too.
     flag = lambda name: getattr(args, name, None)  # commands (and callers) without these flags run as loaded
-    return SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
+    options = SpeedOptions(compile=bool(flag("compile") or flag("fast")), attention=flag("attention"), fp8=bool(flag("fp8") or flag("fast")))
+    if options.fp8 and flag("dtype") not in (None, "bf16"):
+        raise SpeedOptionError(f"--fp8 / --fast need the bf16 transformer, not --dtype {flag('dtype')} "
+                               "(FP8's per-row scales are taken from bfloat16 weights)")
+    return options
 
 
 REQUEST_OPTIONS = ("prompt", "image", "end_image", "extend", "seconds", "schedule", "sampler", "steps", "guidance", "cfg",

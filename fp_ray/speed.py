@@ -137,7 +137,13 @@ def quantize_fp8(transformer, device: torch.device) -> None:
         raise SpeedOptionError("fp8 needs torchao: pip install 'fp-ray[fast]' (or torchao matching your torch)") from e
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise SpeedOptionError(f"fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9), not {device}")
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if transformer.dtype != torch.bfloat16:  # torchao's per-row scaling asserts it
+        raise SpeedOptionError(f"fp8 needs the transformer in bfloat16, not {transformer.dtype}")
+    # set_inductor_config=False: torchao's default switches on, for the whole process, Inductor's
+    # coordinate-descent autotuning of every kernel it compiles afterwards and TF32 for every
+    # float32 matmul. With the first, FP8's first compile took 230 s on an H200 (bf16's: 17 s),
+    # paid again per frame size; the second would change other models' results in this process.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     for block in transformer_blocks(transformer):
         quantize_(block, config)
 

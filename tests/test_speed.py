@@ -127,6 +127,38 @@ def test_attention_backend_and_option_errors(components, encoded):
     assert SpeedOptions.from_config({"compile": True}) == SpeedOptions(compile=True)
 
 
+def test_fp8_quantizes_the_blocks_only_and_keeps_the_process_settings(components, encoded, monkeypatch):
+    """FP8 (torchao) run on the CPU past the FP8-GPU checks: the blocks' Linear layers hold
+    float8 weights, the embedders and the output projection keep theirs; the process's Inductor
+    settings (no autotuning of every kernel) and float32 matmul precision (no TF32) stay as they
+    were; the latents stay close to the unquantized model's."""
+    pytest.importorskip("torchao")
+    import torchao.float8.inference
+    import torchao.quantization.quant_api
+    from torch._inductor import config as inductor
+
+    for module in (torchao.float8.inference, torchao.quantization.quant_api):
+        monkeypatch.setattr(module, "_check_hardware_support", lambda *a, **k: None)  # it asserts a CUDA device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(SpeedOptionError, match="fp8 needs the transformer in bfloat16, not torch.float32"):
+        apply_speed(fresh(components).transformer, SpeedOptions(fp8=True), torch.device("cuda"))
+    c = fresh(components)
+    c.transformer.to(torch.bfloat16)
+    exact = section_latents(c, encoded)
+    settings = lambda: (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions,
+                        torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+    before = settings()
+    apply_speed(c.transformer, SpeedOptions(fp8=True), torch.device("cuda"))
+    assert settings() == before
+    kinds = {name: type(m.weight).__name__ for name, m in c.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_blocks = {n: k for n, k in kinds.items() if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert in_blocks and set(in_blocks.values()) == {"Float8Tensor"}
+    assert {k for n, k in kinds.items() if n not in in_blocks} == {"Parameter"}  # embedders, norm_out, proj_out
+    fp8 = section_latents(c, encoded)
+    assert torch.isfinite(fp8).all() and not torch.equal(fp8, exact)
+    assert (fp8 - exact).norm() / exact.norm() < 0.1
+
+
 def test_cache_threshold_is_a_request_field_in_the_fingerprint(encoded):
     from fp_ray.encode import request_fingerprint
 
@@ -139,6 +171,7 @@ def test_cache_threshold_is_a_request_field_in_the_fingerprint(encoded):
     "args,message",
     [(["--cache-threshold", "5"], "cache_threshold: Input should be less than or equal to 1"),
      (["--fp8"], "fp8 needs"),
+     (["--fast", "--dtype", "fp16"], "--fp8 / --fast need the bf16 transformer, not --dtype fp16"),
      (["--attention", "warp"], "unknown attention backend"),
      (["--attention", "_native_cudnn"], "needs a GPU")],
 )
