@@ -131,7 +131,9 @@ def test_fp8_quantizes_the_blocks_only_and_keeps_the_process_settings(components
     """FP8 (torchao) run on the CPU past the FP8-GPU checks: the blocks' Linear layers hold
     float8 weights, the embedders and the output projection keep theirs; the process's Inductor
     settings (no autotuning of every kernel) and float32 matmul precision (no TF32) stay as they
-    were; the latents stay close to the unquantized model's."""
+    were; the latents stay close to the unquantized model's. Runs where torchao is installed
+    (`pip install -c constraints.txt '.[fast]'`): not in the test extra, since importing it
+    beside a CPU torch prints its own warnings into every command's output."""
     pytest.importorskip("torchao")
     import torchao.float8.inference
     import torchao.quantization.quant_api
