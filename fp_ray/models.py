@@ -6,11 +6,18 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+# With torchao installed (fp-ray[fast]), diffusers warns when its model classes load that it
+# cannot list the tensor classes of torchao-serialized checkpoints (diffusers 0.42.1 names ones
+# torchao 0.17 no longer has). fp-ray quantizes after loading and never loads such checkpoints.
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
 from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
 
@@ -22,6 +29,7 @@ except ImportError:  # transformers 4: SiglipImageProcessor is the PIL one
 
 from .devices import DevicePolicy, choose_policy
 from .request import RequestError
+
 
 BASE_MODEL = "hunyuanvideo-community/HunyuanVideo"  # text encoders, tokenizers, VAE, scheduler
 IMAGE_ENCODER_MODEL = "lllyasviel/flux_redux_bfl"  # SigLIP + its processor
