@@ -115,11 +115,14 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         self._memory: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def stored(cls, ctx: RenderContext, positions) -> "SectionLatents":
-        """The sections of `positions` the render's store holds, none of them read yet: a
-        resumed render, or the batch's decode stage, loads each only when it is needed."""
+    def stored(cls, ctx: RenderContext, positions, check: bool = True) -> "SectionLatents":
+        """The sections of `positions` the render's store holds, none kept in memory: a resumed
+        render, or the batch's decode stage, loads each only when it is needed. `check`: each
+        is read and checked first, and a damaged one counts as not done (a resumed render
+        makes it again); without, a section is read only when used (the batch's decode stage,
+        right after its generate stage saved them all)."""
         done = cls(ctx)
-        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section"))
+        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section", check=check))
         return done
 
     def add(self, position: int, latents: torch.Tensor) -> None:
@@ -139,7 +142,10 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         if position not in self._finished:
             raise KeyError(position)
         latents = self._memory.get(position)
-        return latents if latents is not None else self.store.load(*self.ids, position)
+        if latents is None and (latents := self.store.load(*self.ids, position)) is None:
+            # checked when the render started: it went bad since (a rerun makes it again)
+            raise RenderFailed(f"section {position} of render {self.ids[0]}: its checkpoint in {self.store.root} is gone or corrupt")
+        return latents
 
     def __contains__(self, position: object) -> bool:
         return position in self._finished

@@ -15,7 +15,7 @@ import torch
 from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
-from .storage import SectionStore, is_uri, read_bytes, write_bytes
+from .storage import SectionStore, is_uri, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
@@ -29,7 +29,8 @@ DECODES_IN_FLIGHT = 16
 
 
 class SegmentsMissing(RuntimeError):
-    """The decode tasks ended without making every segment (a bug, or a store that lost files)."""
+    """The decode tasks ended without making every segment, or a made one is gone or corrupt
+    (a bug, or a store that lost files: a rerun makes them again)."""
 
 
 class Segments:
@@ -140,7 +141,7 @@ class Segments:
         self.made.add(k)
         self.last_made = time.perf_counter()
         if self.preview_dir is not None:
-            data = await asyncio.to_thread(read_bytes, self._location(k))
+            data = await asyncio.to_thread(self._segment, k)
             await asyncio.to_thread(write_bytes, self.preview_dir / f"section_{k:03d}.mp4", data)
         self._published(k, seconds)
         while self._progressive_path is not None and self.prefix in self.made and self.prefix < self.n:
@@ -152,14 +153,19 @@ class Segments:
         self.emit({"type": "section_decoded", "position": k, "frames": self.frames[k], "seconds": seconds,
                    "segments": len(self.made), "total": self.n})
 
-    def _location(self, k: int) -> str:
-        return self.store.location(self.ctx.request_id, self.ctx.fingerprint, k, "segment")
+    def _segment(self, k: int) -> bytes:
+        data = self.store.load_segment(self.ctx.request_id, self.ctx.fingerprint, k)
+        if data is None:
+            where = self.store.location(self.ctx.request_id, self.ctx.fingerprint, k, "segment")
+            raise SegmentsMissing(f"render {self.ctx.request_id}: segment {k} is missing or corrupt in the store "
+                                  f"({where}); run again to make it again")
+        return data
 
     def _append_progressive(self, k: int) -> None:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        for part in self._clip.parts([read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
+        for part in self._clip.parts([self._segment(k)], start=k == 0, end=k == self.n - 1):
             self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
@@ -193,7 +199,7 @@ class Segments:
     def segments(self) -> Iterator[bytes]:
         """The segments' bytes in time order, one at a time."""
         for k in range(self.n):
-            yield read_bytes(self._location(k))
+            yield self._segment(k)
 
     def _tags(self) -> dict[str, str]:
         return {TAG: self.ctx.metadata} if self.ctx.metadata else {}

@@ -30,7 +30,7 @@ from .models import Components, ModelSpec
 from .request import RenderRequest
 from .schedule import Plan
 from .speed import SpeedOptions, apply_speed, decode_stream
-from .storage import SectionStore, delete, write_bytes
+from .storage import SectionStore, delete
 
 
 class Cancelled(RuntimeError):
@@ -261,7 +261,7 @@ class DecoderWorker:
 
         frames = to_frames(segment_pixels(ctx.plan, lead, previous_tail))
         ids = (ctx.request_id, ctx.fingerprint)
-        write_bytes(store.location(*ids, k, "segment"), encode_segment(frames, ctx.request.fps, ctx.request.crf))
+        store.save_segment(*ids, k, encode_segment(frames, ctx.request.fps, ctx.request.crf))
         delete(store.location(*ids, k, "lead"))
         if previous is not None:
             delete(store.location(*ids, previous, "tail"))
