@@ -7,7 +7,9 @@ import time
 STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a render's wall time
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
+from .segments import SegmentsMissing
 from .encode import ImageError, decode_request_images, load_image, read_request_images
 from .devices import MEMORY_MODES, MemoryModeError
 from .lora import LoraRegistry
@@ -571,19 +574,61 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_args = extra
     configure_output(args.verbose)
     try:
-        return args.func(args) or 0
+        with terminate_as_interrupt():
+            return args.func(args) or 0
     except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, PlacementError, MemoryModeError,
             SpeedOptionError, MetadataError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    except (RenderFailed, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
-        print(f"fp-ray: error: {e}", file=sys.stderr)
+    except (RenderFailed, SegmentsMissing, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
+        print(f"fp-ray: error: {e}{resume_hint(args)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: the video is written whole or not at all (temporary file, renamed)
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"fp-ray: error: stopped by {signal.Signals(signum).name}{resume_hint(args)}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # The reader went away (`fp-ray plan | head`): not an error. Point stdout at devnull
         # so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the machine's side: a full disk, a folder gone read-only or away
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fp-ray: error: {e.strerror or e}{where}{resume_hint(args)}", file=sys.stderr)
+        return 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C's (SIGTERM), ending the command the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (`kill`, a job runner's stop) unwinds like Ctrl-C: the cancelled render's
+    temporary files are removed and the command says so in one line, where by default the
+    process would vanish without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    store = getattr(args, "store", None) if args.command == "render" else None
+    return f"; the finished sections are kept in {store}: the same command resumes" if store else ""
 
 
 # Set by a finished local render: `run` then leaves without the interpreter's teardown, about 1 s

@@ -5,6 +5,7 @@ segments appear, and the mp4 written as the segments joined in time order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
+from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -212,17 +213,30 @@ class Segments:
         parts = self._clip.parts(self.segments())  # an extended clip's own frames, before or after
         try:
             if not is_uri(out):
-                self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
-                    self.frames_written = frame_count(local)
-                    write_bytes(str(out), local.read_bytes())
+                self._write_local(parts, Path(out))
+                return str(out)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+                self.frames_written = frame_count(local)
+                write_bytes(str(out), local.read_bytes())
         finally:
             self._clip.close()
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
         return str(out)
+
+    def _write_local(self, parts: Iterator[bytes | str], out: Path) -> None:
+        """The mp4 and its sidecar are both written before either is renamed into place, and an
+        older sidecar goes first: a full disk or a kill never pairs a video with another
+        render's record (at worst a new or old video is left without its sidecar)."""
+        sidecar = Path(sidecar_location(out))
+        with contextlib.ExitStack() as stack:  # on leaving: the video renamed, then the record
+            record = stack.enter_context(atomic_file(sidecar)) if self.ctx.metadata else None
+            video = stack.enter_context(atomic_file(out))
+            if record is not None:
+                Path(record).write_text(self.ctx.metadata)
+            self.frames_written = frame_count(join_segments(parts, video, self.ctx.request.fps, self._tags()))
+            sidecar.unlink(missing_ok=True)
 
 
 async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done: Mapping[int, torch.Tensor],

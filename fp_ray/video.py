@@ -23,7 +23,7 @@ FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags
 
 
 @contextlib.contextmanager
-def _atomic(path: str | Path) -> Iterator[str]:
+def atomic_file(path: str | Path) -> Iterator[str]:
     """A temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ class SegmentJoiner:
 
 def join_segments(segments: Iterable[bytes | str], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
     """The segments in order as one mp4 (moov at the front, with the `metadata` tags), written atomically."""
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         joiner = SegmentJoiner(tmp, fps, FASTSTART, metadata)
         try:
             for segment in segments:
