@@ -302,3 +302,21 @@ def test_damaged_checkpoints_are_made_again_never_trusted(components, tmp_path):
     again = asyncio.run(run_render(request, pools, out=tmp_path / "b.mp4", store=store, request_id="damaged"))
     assert again.reused == [0, 2] and pools.sections == [1] and again.segments_reused == []
     assert sha(again.path) == sha(first.path)
+
+
+def test_a_seam_another_run_of_the_same_render_made_counts_as_made(components, tmp_path):
+    """Two runs of one render (same store and id) at once: the one that makes a segment first
+    takes both halves of its seam; the other, finding its neighbour's half gone, finds the
+    segment made instead of failing."""
+    from fp_ray.workers import DecoderWorker, SegmentJob, Shared
+
+    request = make_request(**SMALL, seconds=2.4)  # 2 sections
+    store = SectionStore(tmp_path / "store")
+    first = render(request, tmp_path / "a.mp4", components=components, store=store, request_id="twice")
+    ctx = render_context(encode_request(components, request), "twice", store)
+    store.save("twice", ctx.fingerprint, 1, torch.zeros(1, 3, 4, 48, 64), "lead")  # this run's half; the other's tail is gone
+    decoder = DecoderWorker(components=components)
+    assert decoder.segment(SegmentJob(Shared(ctx.key, ctx), 1, None)) == [1]
+    (tmp_path / "store" / "twice" / first.fingerprint[:16] / "segment_001.mp4").unlink()  # not made after all: an error
+    with pytest.raises(FileNotFoundError, match="seam half is missing"):
+        decoder.segment(SegmentJob(Shared(ctx.key, ctx), 1, None))
