@@ -8,6 +8,7 @@ STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a 
 
 import argparse
 import contextlib
+import contextvars
 import os
 import signal
 import sys
@@ -263,27 +264,31 @@ def cmd_render(args: argparse.Namespace) -> None:
                 bar.close()
             print(f"joining {e['segments']} segments into {out}", file=sys.stderr)
 
-    if args.ray:
-        import asyncio
+    try:
+        if args.ray:
+            import asyncio
 
-        from .actors import RayPools
-        from .coordinator import run_render
+            from .actors import RayPools
+            from .coordinator import run_render
 
-        config = pool_config(args)  # bad options fail here, before Ray starts
-        connect(args.address)
-        pools = RayPools(spec.model, config)
-        pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
-        startup = time.perf_counter() - STARTED
-        result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
-                                        preview_dir=args.previews, progressive=args.progressive))
-    else:
-        components = spec.load()
-        apply_speed(components.transformer, speed_from_args(args), components.device)
-        startup = time.perf_counter() - STARTED
-        result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
-                        request_id=args.id, progressive=args.progressive)
-        global _skip_teardown
-        _skip_teardown = True  # everything is written and closed; nothing of this render outlives it
+            config = pool_config(args)  # bad options fail here, before Ray starts
+            connect(args.address)
+            pools = RayPools(spec.model, config)
+            pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
+            startup = time.perf_counter() - STARTED
+            result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
+                                            preview_dir=args.previews, progressive=args.progressive))
+        else:
+            components = spec.load()
+            apply_speed(components.transformer, speed_from_args(args), components.device)
+            startup = time.perf_counter() - STARTED
+            result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
+                            request_id=args.id, progressive=args.progressive)
+            global _skip_teardown
+            _skip_teardown = True  # everything is written and closed; nothing of this render outlives it
+    finally:
+        for bar in bars.values():  # now, not when collected: a bar cleared later draws over the error line
+            bar.close()
     t = result.timings
     print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
           f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
@@ -337,6 +342,8 @@ def connect(address: str | None) -> None:
 
     level = logging.getLogger("ray").getEffectiveLevel()
     ray.init(address=address, log_to_driver=False, logging_level=level) if address else ray.init(log_to_driver=False, logging_level=level)
+    if _stopping.get():  # ray.init put its own in place (exit at once, a native stack dump): ours again
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pool_size(text: str) -> tuple[int, int]:
@@ -615,15 +622,20 @@ def terminate_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    token = _stopping.set(True)
     try:
         yield
     finally:
+        _stopping.reset(token)
         signal.signal(signal.SIGTERM, previous)
+
+
+_stopping = contextvars.ContextVar("sigterm_interrupts", default=False)  # inside terminate_as_interrupt
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signum)
 
 
 def resume_hint(args: argparse.Namespace) -> str:

@@ -253,7 +253,7 @@ def test_a_stop_or_full_disk_mid_render_is_one_line_and_the_rerun_resumes(tmp_pa
     capsys.readouterr()
     assert main([*args, "--store", str(store), "--out", str(out)]) == code
     lines = capsys.readouterr().err.strip().splitlines()
-    assert message in lines[-1] and f"kept in {store}" in lines[-1] and "Traceback" not in "".join(lines)
+    assert message in lines[-1] and f"kept in {store}" in lines[-1] and "Traceback" not in "".join(lines), lines[-5:]
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone with it
     kept = [Path(p) for p in saved if Path(p).name.startswith("section_")]
@@ -288,3 +288,21 @@ def test_a_video_is_never_left_beside_another_renders_sidecar(tmp_path, monkeypa
     sidecar = Path(f"{out}.json")
     assert json.loads(record)["request"]["seed"] == 2
     assert not sidecar.exists() or sidecar.read_text() == record
+
+
+def test_sigterm_stays_ours_after_ray_starts(monkeypatch):
+    """ray.init installs its own SIGTERM handler (exit at once with a native stack dump); the
+    command's goes back in place, and the one before the command after it."""
+    import signal
+
+    import ray
+
+    from fp_ray import cli
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: signal.signal(signal.SIGTERM, lambda *a: None))
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.terminate_as_interrupt():
+        cli.connect(None)
+        with pytest.raises(cli.Interrupted):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
