@@ -410,7 +410,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         writable_folder(args.out, "--out")
     try:
         # the manifest, its ids and every row's fields and images, before Ray starts
-        checked = check_manifest(args.manifest, args.out, args.model)
+        checked = check_manifest(args.manifest, args.out, args.model, (args.base, args.image_encoder))
     except ManifestError as e:
         raise CliError(str(e)) from None
     connect(args.address)
