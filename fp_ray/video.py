@@ -19,7 +19,9 @@ import numpy as np
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
 FASTSTART = {"movflags": "+faststart", "fflags": "+bitexact"}  # moov first: plays before it is all loaded
-FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact"}
+# flush_packets: each fragment reaches the file as it closes (at the next segment's keyframe), not when
+# the stream ends: readers of a growing file, and whatever is left after a kill, see the finished start
+FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact", "flush_packets": "1"}
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 
 import av
@@ -60,3 +61,17 @@ def test_joined_and_progressive_mp4s_keep_their_tags(tmp_path, options):
     with av.open(str(target)) as container:
         assert container.metadata["comment"] == comment
     assert read_frames(target).shape == (8, 48, 64, 3)
+
+
+def test_a_growing_progressive_file_holds_the_finished_segments(tmp_path):
+    """Each segment's fragment is on disk once the next one starts, not only at the end: a
+    player reading the growing file, or what a killed render leaves, has the finished start."""
+    rng = np.random.default_rng(0)
+    segments = [encode_segment(rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8), 30, 16) for _ in range(3)]
+    path = tmp_path / "progressive.mp4"
+    joiner = SegmentJoiner(str(path), 30, FRAGMENTED)
+    for segment in segments:
+        joiner.append(segment)
+    assert read_frames(io.BytesIO(path.read_bytes())).shape[0] == 10  # the first two, before close
+    joiner.close()
+    assert read_frames(path).shape[0] == 15
