@@ -17,7 +17,7 @@ from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
 from .storage import SectionStore, is_uri, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments
+from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments, write_joined
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -235,7 +235,8 @@ class Segments:
             video = stack.enter_context(atomic_file(out))
             if record is not None:
                 Path(record).write_text(self.ctx.metadata)
-            self.frames_written = frame_count(join_segments(parts, video, self.ctx.request.fps, self._tags()))
+            write_joined(parts, video, self.ctx.request.fps, self._tags())
+            self.frames_written = frame_count(video)
             sidecar.unlink(missing_ok=True)
 
 

@@ -5,9 +5,11 @@ whole or not at all."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import itertools
 import os
+import socket
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -26,10 +28,17 @@ FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[str]:
-    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds. Its name
+    says which process writes it: those of `path` whose process is gone (killed mid-write,
+    so nothing removed them; a long video's are gigabytes) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    owners = f".{path.name}.{socket.gethostname()}-"
+    for orphan in path.parent.glob(f"{glob.escape(owners)}*.tmp"):
+        pid = orphan.name[len(owners):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            orphan.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{owners}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -40,6 +49,16 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def encode_frames(frames: Iterable[np.ndarray], target, fps: int, crf: int) -> int:
@@ -115,15 +134,20 @@ class SegmentJoiner:
 
 
 def join_segments(segments: Iterable[bytes | str], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
-    """The segments in order as one mp4 (moov at the front, with the `metadata` tags), written atomically."""
+    """The segments in order as one mp4 (`write_joined`), written atomically."""
     with atomic_file(path) as tmp:
-        joiner = SegmentJoiner(tmp, fps, FASTSTART, metadata)
-        try:
-            for segment in segments:
-                joiner.append(segment)
-        finally:
-            joiner.close()
+        write_joined(segments, tmp, fps, metadata)
     return Path(path)
+
+
+def write_joined(segments: Iterable[bytes | str], target: str, fps: int, metadata: Mapping[str, str] | None = None) -> None:
+    """The segments in order as one mp4 at `target` (moov at the front, with the `metadata` tags)."""
+    joiner = SegmentJoiner(target, fps, FASTSTART, metadata)
+    try:
+        for segment in segments:
+            joiner.append(segment)
+    finally:
+        joiner.close()
 
 
 def frame_count(path: str | Path) -> int:

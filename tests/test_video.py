@@ -75,3 +75,20 @@ def test_a_growing_progressive_file_holds_the_finished_segments(tmp_path):
     assert read_frames(io.BytesIO(path.read_bytes())).shape[0] == 10  # the first two, before close
     joiner.close()
     assert read_frames(path).shape[0] == 15
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    orphan = tmp_path / f".v.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # a process killed while joining
+    running = tmp_path / f".v.mp4.{host}-{os.getpid()}.def.tmp"  # a join in flight
+    other = tmp_path / f".w.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # another video's
+    for path in (orphan, running, other):
+        path.write_bytes(b"part of a video")
+    join_segments([encode_segment(np.zeros((2, 32, 48, 3), dtype=np.uint8), 30, 16)], tmp_path / "v.mp4", 30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "v.mp4"])
