@@ -29,7 +29,7 @@ from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
-from .storage import SectionStore, is_uri
+from .storage import SectionStore, is_uri, remove_orphans, writer_tag
 from .workers import RenderContext, SectionJob, SegmentJob, Shared
 
 Event = dict
@@ -236,11 +236,13 @@ async def generate_sections(
 
 @contextlib.contextmanager
 def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
-    """The render's store, or a temporary one for a render that keeps no checkpoints."""
+    """The render's store, or a temporary one for a render that keeps no checkpoints (those of
+    killed renders removed first)."""
     if store is not None:
         yield store
         return
-    with tempfile.TemporaryDirectory(prefix="fp-ray-") as tmp:
+    remove_orphans(Path(tempfile.gettempdir()), "fp-ray-")
+    with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.") as tmp:
         yield SectionStore(tmp)
 
 

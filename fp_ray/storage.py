@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import re
+import shutil
+import socket
 import struct
 import stat
 import urllib.error
@@ -136,6 +139,37 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:  # object stores publish an object only when its upload completes
         f.write(data)
+
+
+def writer_tag() -> str:
+    """This process, in the name of a temporary file or folder it writes (`{prefix}{tag}.`):
+    a later run tells those a killed process left from those still being written."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_orphans(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove what this host's processes that are gone left in `folder` as
+    `{prefix}{writer_tag()}.*{suffix}`: nothing removes a killed writer's temporary files, and
+    a long video's are gigabytes."""
+    head = f"{prefix}{socket.gethostname()}-"
+    for orphan in folder.glob(f"{glob.escape(head)}*{glob.escape(suffix)}"):
+        pid = orphan.name[len(head):].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if orphan.is_dir() and not orphan.is_symlink():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def exists(location: str | os.PathLike) -> bool:

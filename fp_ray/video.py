@@ -5,11 +5,9 @@ whole or not at all."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import itertools
 import os
-import socket
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Iterable, Iterator, Mapping
 
 import av
 import numpy as np
+
+from .storage import remove_orphans, writer_tag
 
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
@@ -33,12 +33,8 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     so nothing removed them; a long video's are gigabytes) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    owners = f".{path.name}.{socket.gethostname()}-"
-    for orphan in path.parent.glob(f"{glob.escape(owners)}*.tmp"):
-        pid = orphan.name[len(owners):].split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            orphan.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{owners}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path.parent, f".{path.name}.", ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -49,16 +45,6 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def encode_frames(frames: Iterable[np.ndarray], target, fps: int, crf: int) -> int:

@@ -89,3 +89,28 @@ def test_a_symlink_in_the_store_is_replaced_not_written_through(tmp_path):
     store.save("r", fp, 0, torch.ones(2))
     assert outside.read_bytes() == b"keep me" and not where.is_symlink()
     assert torch.equal(store.load("r", fp, 0), torch.ones(2))
+
+
+def test_a_killed_renders_temporary_store_is_removed_by_the_next(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from fp_ray.coordinator import render_store
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    host = socket.gethostname()
+    orphan = tmp_path / f"fp-ray-{host}-{gone}.abc"  # a render killed without --store
+    (orphan / "r" / "fp").mkdir(parents=True)
+    (orphan / "r" / "fp" / "section_000.safetensors").write_bytes(b"latents")
+    running = tmp_path / f"fp-ray-{host}-{os.getpid()}.def"  # one in flight
+    running.mkdir()
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (tmp_path / f"fp-ray-{host}-{gone}.lnk").symlink_to(outside)  # a link is removed, never followed
+    with render_store(None) as store:
+        assert Path(store.root).name.startswith(f"fp-ray-{host}-{os.getpid()}.")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep", running.name, Path(store.root).name])
+    assert outside.is_dir()
