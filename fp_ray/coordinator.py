@@ -177,6 +177,7 @@ async def generate_sections(
     """
     request, plan = ctx.request, ctx.plan
     done = SectionLatents.stored(ctx, range(plan.num_sections))
+    done.store.remove_orphans(*done.ids)
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": sum(new_segment_frames(plan, ctx.cond)),

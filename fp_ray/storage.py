@@ -127,7 +127,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         # point anywhere, e.g. into another render's store or at a system file)
         path = Path(os.path.abspath(location))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+        tmp = path.parent / f".{writer_tag()}.{uuid.uuid4().hex}.tmp"  # SectionStore.remove_orphans
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -257,6 +257,12 @@ class SectionStore:
         body, trailer = data[:-SEAL_SIZE], data[-SEAL_SIZE:]
         seal = SEAL_TAG + _digest(body, fingerprint, position, "segment").hex().encode()
         return data if trailer == struct.pack(">I4s", SEAL_SIZE, b"free") + seal else None
+
+    def remove_orphans(self, request_id: str, fingerprint: str) -> None:
+        """Temporary files a killed writer left in a render's local folder (object stores have none)."""
+        folder = Path(self.location(request_id, fingerprint, 0)).parent
+        if not is_uri(self.root) and folder.is_dir():
+            remove_orphans(folder, ".", ".tmp")
 
     def has(self, request_id: str, fingerprint: str, position: int, kind: str, check: bool = True) -> bool:
         """Whether a sound entry is there (read and checked whole; `check` False: whether one exists)."""

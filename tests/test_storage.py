@@ -114,3 +114,18 @@ def test_a_killed_renders_temporary_store_is_removed_by_the_next(tmp_path, monke
         assert Path(store.root).name.startswith(f"fp-ray-{host}-{os.getpid()}.")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep", running.name, Path(store.root).name])
     assert outside.is_dir()
+
+
+def test_a_killed_writers_temporary_entries_are_removed_from_the_render_folder(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    store, fp = SectionStore(tmp_path), "ab" * 32
+    folder = Path(store.save("r", fp, 0, torch.ones(2))).parent
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    host = socket.gethostname()
+    (folder / f".{host}-{gone}.0123.tmp").write_bytes(b"half a section")
+    (folder / f".{host}-{os.getpid()}.4567.tmp").write_bytes(b"being written")
+    store.remove_orphans("r", fp)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f".{host}-{os.getpid()}.4567.tmp", "section_000.safetensors"])
