@@ -31,6 +31,7 @@ from .coordinator import SectionLatents, generate_sections, render_context
 from .encode import decode_request_images, read_request_images, request_fingerprint
 from .extend import checked_request
 from .lora import LoraRegistry
+from .metadata import model_identity
 from .models import ModelSpec
 from .placement import check_placement
 from .render import LocalPools
@@ -217,10 +218,11 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
                          "payload": [r.get("payload") for r in rows]})
 
 
-def check_row(row: dict, out: str, base: str, model: str) -> dict:
+def check_row(row: dict, out: str, base: str, model: str, identity: dict) -> dict:
     """Validate a row without a model (fields, images decoded within the image limits): an
     error record, the record of an earlier run that rendered this very row, or a new record
-    with the request to render as payload. Whatever goes wrong is this row's error alone."""
+    with the request to render as payload. Whatever goes wrong is this row's error alone.
+    `identity`: the model's (metadata.model_identity), part of the fingerprint as the encoder makes it."""
     rid = str(_value(row["id"]))
     try:
         request = row_request(row, base, model)
@@ -229,7 +231,7 @@ def check_row(row: dict, out: str, base: str, model: str) -> dict:
         clip_sha256 = None
         if request.extend:  # the clip's size and fps become the row's; its bytes part of the fingerprint
             request, clip_sha256 = checked_request(request)
-        fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras), clip_sha256)
+        fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras), clip_sha256, identity)
         earlier = previous_record(out, rid, fp)
     except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
@@ -314,7 +316,7 @@ class DecodeStage(RowStage):
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         ctx = pickle.loads(payload)
-        done = SectionLatents.stored(ctx, range(ctx.plan.num_sections))
+        done = SectionLatents.stored(ctx, range(ctx.plan.num_sections), check=False)
         output, timings, frames = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
         record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
                       decode_s=timings["decode"], write_s=timings["write"])
@@ -341,15 +343,17 @@ def manifest_base(manifest: str) -> str:
     return str(manifest).rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).resolve().parent)
 
 
-def check_manifest(manifest: str, out: str, model: str) -> list[dict]:
+def check_manifest(manifest: str, out: str, model: str, sources: tuple[str | None, str | None] = (None, None)) -> list[dict]:
     """Read and check a manifest without Ray: ManifestError if it cannot run at all, else one
     checked row per manifest row (see `check_row`), in manifest order. Rows that fail their
-    check get their record written at once."""
+    check get their record written at once. `sources`: the base model and image encoder the
+    encoders load (`--base`, `--image-encoder`), whose digests are in each row's fingerprint."""
     rows = read_manifest(manifest)
     base = manifest_base(manifest)
+    identity = model_identity(model, *sources)  # what the encoders record; digests cached per folder
     # Checking reads and decodes each image once and runs no model: threads suffice.
     with ThreadPoolExecutor(16) as pool:
-        checked = list(pool.map(lambda row: check_row(row, out, base, model), rows))
+        checked = list(pool.map(lambda row: check_row(row, out, base, model, identity), rows))
     for row in checked:
         if row["record"]["status"] == "error":
             write_record(out, row["record"])
@@ -363,7 +367,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
     the caller checked the manifest before starting Ray. Needs a connected Ray (ray.init).
     Devices, sources, memory mode and speed options of the stages: `config.pools`."""
     pools = config.pools
-    checked = checked if checked is not None else check_manifest(manifest, out, model)
+    checked = checked if checked is not None else check_manifest(manifest, out, model, (pools.base, pools.image_encoder))
     check_placement({"encoder": (max(1, config.encoders[0]), pools.bundle("encoder", config.encoder_cpus)),
                      "generator": (max(1, config.generators[0]), pools.bundle("generator")),
                      "decoder": (max(1, config.decoders[0]), pools.bundle("decoder", config.decoder_cpus))},

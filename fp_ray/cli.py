@@ -7,7 +7,10 @@ import time
 STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a render's wall time
 
 import argparse
+import contextlib
+import contextvars
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
+from .segments import SegmentsMissing
 from .encode import ImageError, decode_request_images, load_image, read_request_images
 from .devices import MEMORY_MODES, MemoryModeError
 from .lora import LoraRegistry
@@ -264,27 +268,31 @@ def cmd_render(args: argparse.Namespace) -> None:
                 bar.close()
             print(f"joining {e['segments']} segments into {out}", file=sys.stderr)
 
-    if args.ray:
-        import asyncio
+    try:
+        if args.ray:
+            import asyncio
 
-        from .actors import RayPools
-        from .coordinator import run_render
+            from .actors import RayPools
+            from .coordinator import run_render
 
-        config = pool_config(args)  # bad options fail here, before Ray starts
-        connect(args.address)
-        pools = RayPools(spec.model, config)
-        pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
-        startup = time.perf_counter() - STARTED
-        result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
-                                        preview_dir=args.previews, progressive=args.progressive))
-    else:
-        components = spec.load()
-        apply_speed(components.transformer, speed_from_args(args), components.device)
-        startup = time.perf_counter() - STARTED
-        result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
-                        request_id=args.id, progressive=args.progressive)
-        global _skip_teardown
-        _skip_teardown = True  # everything is written and closed; nothing of this render outlives it
+            config = pool_config(args)  # bad options fail here, before Ray starts
+            connect(args.address)
+            pools = RayPools(spec.model, config)
+            pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
+            startup = time.perf_counter() - STARTED
+            result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
+                                            preview_dir=args.previews, progressive=args.progressive))
+        else:
+            components = spec.load()
+            apply_speed(components.transformer, speed_from_args(args), components.device)
+            startup = time.perf_counter() - STARTED
+            result = render(request, out, components, on_event=on_event, preview_dir=args.previews, store=store,
+                            request_id=args.id, progressive=args.progressive)
+            global _skip_teardown
+            _skip_teardown = True  # everything is written and closed; nothing of this render outlives it
+    finally:
+        for bar in bars.values():  # now, not when collected: a bar cleared later draws over the error line
+            bar.close()
     t = result.timings
     print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
           f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
@@ -338,6 +346,8 @@ def connect(address: str | None) -> None:
 
     level = logging.getLogger("ray").getEffectiveLevel()
     ray.init(address=address, log_to_driver=False, logging_level=level) if address else ray.init(log_to_driver=False, logging_level=level)
+    if _stopping.get():  # ray.init put its own in place (exit at once, a native stack dump): ours again
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pool_size(text: str) -> tuple[int, int]:
@@ -404,7 +414,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         writable_folder(args.out, "--out")
     try:
         # the manifest, its ids and every row's fields and images, before Ray starts
-        checked = check_manifest(args.manifest, args.out, args.model)
+        checked = check_manifest(args.manifest, args.out, args.model, (args.base, args.image_encoder))
     except ManifestError as e:
         raise CliError(str(e)) from None
     connect(args.address)
@@ -575,19 +585,66 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_args = extra
     configure_output(args.verbose)
     try:
-        return args.func(args) or 0
+        with terminate_as_interrupt():
+            return args.func(args) or 0
     except (CliError, RequestError, ImageError, ModelNotFoundError, StorageError, PlacementError, MemoryModeError,
             SpeedOptionError, MetadataError) as e:
         print(f"fp-ray: error: {e}", file=sys.stderr)
         return 2
-    except (RenderFailed, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
-        print(f"fp-ray: error: {e}", file=sys.stderr)
+    except (RenderFailed, SegmentsMissing, SectionOutOfMemory, WorkerStartError) as e:  # the input was fine; the render could not finish
+        print(f"fp-ray: error: {e}{resume_hint(args)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: the video is written whole or not at all (temporary file, renamed)
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"fp-ray: error: stopped by {signal.Signals(signum).name}{resume_hint(args)}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # The reader went away (`fp-ray plan | head`): not an error. Point stdout at devnull
         # so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the machine's side: a full disk, a folder gone read-only or away
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fp-ray: error: {e.strerror or e}{where}{resume_hint(args)}", file=sys.stderr)
+        return 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C's (SIGTERM), ending the command the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (`kill`, a job runner's stop) unwinds like Ctrl-C: the cancelled render's
+    temporary files are removed and the command says so in one line, where by default the
+    process would vanish without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    token = _stopping.set(True)
+    try:
+        yield
+    finally:
+        _stopping.reset(token)
+        signal.signal(signal.SIGTERM, previous)
+
+
+_stopping = contextvars.ContextVar("sigterm_interrupts", default=False)  # inside terminate_as_interrupt
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    store = getattr(args, "store", None) if args.command == "render" else None
+    return f"; the finished sections are kept in {store}: the same command resumes" if store else ""
 
 
 # Set by a finished local render: `run` then leaves without the interpreter's teardown, about 1 s

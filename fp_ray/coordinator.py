@@ -29,7 +29,7 @@ from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
-from .storage import SectionStore, is_uri
+from .storage import SectionStore, is_uri, remove_orphans, writer_tag
 from .workers import RenderContext, SectionJob, SegmentJob, Shared
 
 Event = dict
@@ -116,11 +116,14 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         self._memory: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def stored(cls, ctx: RenderContext, positions) -> "SectionLatents":
-        """The sections of `positions` the render's store holds, none of them read yet: a
-        resumed render, or the batch's decode stage, loads each only when it is needed."""
+    def stored(cls, ctx: RenderContext, positions, check: bool = True) -> "SectionLatents":
+        """The sections of `positions` the render's store holds, none kept in memory: a resumed
+        render, or the batch's decode stage, loads each only when it is needed. `check`: each
+        is read and checked first, and a damaged one counts as not done (a resumed render
+        makes it again); without, a section is read only when used (the batch's decode stage,
+        right after its generate stage saved them all)."""
         done = cls(ctx)
-        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section"))
+        done._finished.update(p for p in positions if done.store.has(*done.ids, p, "section", check=check))
         return done
 
     def add(self, position: int, latents: torch.Tensor) -> None:
@@ -140,7 +143,10 @@ class SectionLatents(Mapping[int, torch.Tensor]):
         if position not in self._finished:
             raise KeyError(position)
         latents = self._memory.get(position)
-        return latents if latents is not None else self.store.load(*self.ids, position)
+        if latents is None and (latents := self.store.load(*self.ids, position)) is None:
+            # checked when the render started: it went bad since (a rerun makes it again)
+            raise RenderFailed(f"section {position} of render {self.ids[0]}: its checkpoint in {self.store.root} is gone or corrupt")
+        return latents
 
     def __contains__(self, position: object) -> bool:
         return position in self._finished
@@ -172,6 +178,7 @@ async def generate_sections(
     """
     request, plan = ctx.request, ctx.plan
     done = SectionLatents.stored(ctx, range(plan.num_sections))
+    done.store.remove_orphans(*done.ids)
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": sum(new_segment_frames(plan, ctx.cond)),
@@ -231,11 +238,13 @@ async def generate_sections(
 
 @contextlib.contextmanager
 def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
-    """The render's store, or a temporary one for a render that keeps no checkpoints."""
+    """The render's store, or a temporary one for a render that keeps no checkpoints (those of
+    killed renders removed first)."""
     if store is not None:
         yield store
         return
-    with tempfile.TemporaryDirectory(prefix="fp-ray-") as tmp:
+    remove_orphans(Path(tempfile.gettempdir()), "fp-ray-")
+    with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.") as tmp:
         yield SectionStore(tmp)
 
 

@@ -315,10 +315,12 @@ def decode_request_images(request: RenderRequest, images: Images) -> tuple[Image
 
 
 def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[LoraFile, ...] = (),
-                        clip_sha256: str | None = None) -> str:
+                        clip_sha256: str | None = None, model: dict | None = None) -> str:
     """Where the images, LoRAs and the clip to extend came from does not change the video;
     their bytes (and the LoRAs' weights, the keyframes' times) do. A request without LoRAs,
-    keyframes, loop or clip keeps the fingerprint it had before they existed."""
+    keyframes, loop or clip keeps the fingerprint it had before they existed. `model`: the
+    model's identity (metadata.model_identity): other weights under the same folder name are
+    another render, whose store never hands back the old weights' sections."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
     if (clip_sha256 is None) != (request.extend is None):
@@ -332,6 +334,8 @@ def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[Lor
         text += json.dumps({"keyframes": [k.at for k in request.keyframes]})
     if clip_sha256:
         text += f"clip:{clip_sha256}"
+    if model is not None:
+        text += json.dumps({"model": {name: part["sha256"] for name, part in sorted(model.items())}})
     return fingerprint(text, *images)
 
 
@@ -365,4 +369,4 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     provenance = Provenance(sha256(images[0]), None if images[1] is None else sha256(images[1]),
                             model_identity(spec.model, spec.base, spec.image_encoder), tuple(sha256(k) for k in images[2:]),
                             tuple(f.digest for f in loras), clip_sha)
-    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras, clip_sha), loras, provenance)
+    return Encoded(request, plan, cond.cpu(), request_fingerprint(request, images, loras, clip_sha, provenance.model), loras, provenance)

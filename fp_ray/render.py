@@ -28,8 +28,7 @@ class LocalPools:
         decoder: DecoderWorker | None = None,
     ):
         self.encoder, self.generator, self.decoder = encoder, generator, decoder
-        self._generating = asyncio.Lock()  # a whole section at a time: one model, one section
-        self._decoding = asyncio.Lock()
+        self._turns: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
     @classmethod
     def from_components(cls, c: Components) -> "LocalPools":
@@ -41,13 +40,23 @@ class LocalPools:
     async def share(self, context: RenderContext) -> Shared:
         return Shared(context.key, context)  # one process: the object itself
 
+    def _turn(self, kind: str) -> asyncio.Lock:
+        """One `kind` task at a time (a whole section: one model, one section), within the
+        running event loop: a batch stage runs each row in a loop of its own (asyncio.run), and
+        a lock that once had a waiter in one loop fails in the next."""
+        loop = asyncio.get_running_loop()
+        held = self._turns.get(kind)
+        if held is None or held[0] is not loop:
+            held = self._turns[kind] = (loop, asyncio.Lock())
+        return held[1]
+
     async def generate(self, job: SectionJob) -> AsyncIterator[dict]:
-        async with self._generating:
+        async with self._turn("generate"):
             async for event in iterate_in_thread(self.generator.generate(job)):
                 yield event
 
     async def segment(self, job: SegmentJob) -> list[int]:
-        async with self._decoding:
+        async with self._turn("decode"):
             return await asyncio.to_thread(self.decoder.segment, job)
 
     async def cancel(self, request_id: str) -> None:

@@ -5,6 +5,7 @@ segments appear, and the mp4 written as the segments joined in time order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ import torch
 from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
-from .storage import SectionStore, is_uri, read_bytes, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, frame_count, join_segments
+from .storage import SectionStore, is_uri, write_bytes
+from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments, write_joined
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ DECODES_IN_FLIGHT = 16
 
 
 class SegmentsMissing(RuntimeError):
-    """The decode tasks ended without making every segment (a bug, or a store that lost files)."""
+    """The decode tasks ended without making every segment, or a made one is gone or corrupt
+    (a bug, or a store that lost files: a rerun makes them again)."""
 
 
 class Segments:
@@ -140,7 +142,7 @@ class Segments:
         self.made.add(k)
         self.last_made = time.perf_counter()
         if self.preview_dir is not None:
-            data = await asyncio.to_thread(read_bytes, self._location(k))
+            data = await asyncio.to_thread(self._segment, k)
             await asyncio.to_thread(write_bytes, self.preview_dir / f"section_{k:03d}.mp4", data)
         self._published(k, seconds)
         while self._progressive_path is not None and self.prefix in self.made and self.prefix < self.n:
@@ -152,14 +154,19 @@ class Segments:
         self.emit({"type": "section_decoded", "position": k, "frames": self.frames[k], "seconds": seconds,
                    "segments": len(self.made), "total": self.n})
 
-    def _location(self, k: int) -> str:
-        return self.store.location(self.ctx.request_id, self.ctx.fingerprint, k, "segment")
+    def _segment(self, k: int) -> bytes:
+        data = self.store.load_segment(self.ctx.request_id, self.ctx.fingerprint, k)
+        if data is None:
+            where = self.store.location(self.ctx.request_id, self.ctx.fingerprint, k, "segment")
+            raise SegmentsMissing(f"render {self.ctx.request_id}: segment {k} is missing or corrupt in the store "
+                                  f"({where}); run again to make it again")
+        return data
 
     def _append_progressive(self, k: int) -> None:
         if self._progressive is None:
             self._progressive_path.parent.mkdir(parents=True, exist_ok=True)
             self._progressive = SegmentJoiner(str(self._progressive_path), self.ctx.request.fps, FRAGMENTED, self._tags())
-        for part in self._clip.parts([read_bytes(self._location(k))], start=k == 0, end=k == self.n - 1):
+        for part in self._clip.parts([self._segment(k)], start=k == 0, end=k == self.n - 1):
             self._progressive.append(part)  # an extended clip's own frames too, where they touch
         if k == self.n - 1:
             self._progressive.close()
@@ -193,7 +200,7 @@ class Segments:
     def segments(self) -> Iterator[bytes]:
         """The segments' bytes in time order, one at a time."""
         for k in range(self.n):
-            yield read_bytes(self._location(k))
+            yield self._segment(k)
 
     def _tags(self) -> dict[str, str]:
         return {TAG: self.ctx.metadata} if self.ctx.metadata else {}
@@ -206,17 +213,31 @@ class Segments:
         parts = self._clip.parts(self.segments())  # an extended clip's own frames, before or after
         try:
             if not is_uri(out):
-                self.frames_written = frame_count(join_segments(parts, out, fps, self._tags()))
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
-                    self.frames_written = frame_count(local)
-                    write_bytes(str(out), local.read_bytes())
+                self._write_local(parts, Path(out))
+                return str(out)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+                self.frames_written = frame_count(local)
+                write_bytes(str(out), local.read_bytes())
         finally:
             self._clip.close()
         if self.ctx.metadata:
             write_bytes(sidecar_location(out), self.ctx.metadata.encode())
         return str(out)
+
+    def _write_local(self, parts: Iterator[bytes | str], out: Path) -> None:
+        """The mp4 and its sidecar are both written before either is renamed into place, and an
+        older sidecar goes first: a full disk or a kill never pairs a video with another
+        render's record (at worst a new or old video is left without its sidecar)."""
+        sidecar = Path(sidecar_location(out))
+        with contextlib.ExitStack() as stack:  # on leaving: the video renamed, then the record
+            record = stack.enter_context(atomic_file(sidecar)) if self.ctx.metadata else None
+            video = stack.enter_context(atomic_file(out))
+            if record is not None:
+                Path(record).write_text(self.ctx.metadata)
+            write_joined(parts, video, self.ctx.request.fps, self._tags())
+            self.frames_written = frame_count(video)
+            sidecar.unlink(missing_ok=True)
 
 
 async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done: Mapping[int, torch.Tensor],

@@ -5,15 +5,23 @@ A render's work lives under `{root}/{request_id}/{fingerprint[:16]}/`: the secti
 a segment waits for its neighbour, the decoded pixels of its seam (`lead_{k:03d}` /
 `tail_{k:03d}.safetensors`). The request id names the render, the fingerprint (request fields
 + image bytes) makes sure a reused id with different content never reads stale work.
+
+Every entry carries a sha256 over its render, position, kind and content (a tensor next to the
+latents; a trailing mp4 `free` box after a segment, which players skip), checked on every
+read: a truncated, garbled or misplaced entry reads as absent and is made again, never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import re
+import shutil
+import socket
+import struct
 import stat
 import urllib.error
 import urllib.request
@@ -22,6 +30,7 @@ from typing import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -114,9 +123,11 @@ def open_remote(location: str) -> Iterator:
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write atomically: readers see the old object or the whole new one, never a part."""
     if not is_uri(location):
-        path = Path(location).resolve()
+        # not resolved: a symlink at `location` is replaced, never written through (it could
+        # point anywhere, e.g. into another render's store or at a system file)
+        path = Path(os.path.abspath(location))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+        tmp = path.parent / f".{writer_tag()}.{uuid.uuid4().hex}.tmp"  # SectionStore.remove_orphans
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -128,6 +139,37 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:  # object stores publish an object only when its upload completes
         f.write(data)
+
+
+def writer_tag() -> str:
+    """This process, in the name of a temporary file or folder it writes (`{prefix}{tag}.`):
+    a later run tells those a killed process left from those still being written."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_orphans(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove what this host's processes that are gone left in `folder` as
+    `{prefix}{writer_tag()}.*{suffix}`: nothing removes a killed writer's temporary files, and
+    a long video's are gigabytes."""
+    head = f"{prefix}{socket.gethostname()}-"
+    for orphan in folder.glob(f"{glob.escape(head)}*{glob.escape(suffix)}"):
+        pid = orphan.name[len(head):].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if orphan.is_dir() and not orphan.is_symlink():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -181,17 +223,70 @@ class SectionStore:
 
     def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor, kind: str = "section") -> str:
         where = self.location(request_id, fingerprint, position, kind)
-        meta = {"fingerprint": fingerprint, "position": str(position)}
-        write_bytes(where, save_safetensors({"latents": latents.contiguous()}, metadata=meta))
+        latents = latents.detach().cpu().contiguous()
+        digest = torch.frombuffer(bytearray(_tensor_digest(latents, fingerprint, position, kind)), dtype=torch.uint8)
+        write_bytes(where, save_safetensors({"latents": latents, "sha256": digest}))
         return where
 
     def load(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> torch.Tensor | None:
-        """The saved tensor (section latents, seam pixels), or None when there is none."""
+        """The saved tensor (section latents, seam pixels), or None when there is none or it
+        does not check out (truncated, garbled, another render's or position's)."""
         try:
-            data = read_bytes(self.location(request_id, fingerprint, position, kind))
+            tensors = load_safetensors(read_bytes(self.location(request_id, fingerprint, position, kind)))
+        except (FileNotFoundError, SafetensorError):
+            return None
+        latents, digest = tensors.get("latents"), tensors.get("sha256")
+        if latents is None or digest is None or bytes(digest.numpy()) != _tensor_digest(latents, fingerprint, position, kind):
+            return None
+        return latents
+
+    def save_segment(self, request_id: str, fingerprint: str, position: int, data: bytes) -> str:
+        """A segment's mp4 bytes, sealed with their digest in a trailing `free` box."""
+        where = self.location(request_id, fingerprint, position, "segment")
+        seal = SEAL_TAG + _digest(data, fingerprint, position, "segment").hex().encode()
+        write_bytes(where, data + struct.pack(">I4s", 8 + len(seal), b"free") + seal)
+        return where
+
+    def load_segment(self, request_id: str, fingerprint: str, position: int) -> bytes | None:
+        """A segment's mp4 bytes (its seal kept: players skip the box), or None when there is
+        none or its seal does not match."""
+        try:
+            data = read_bytes(self.location(request_id, fingerprint, position, "segment"))
         except FileNotFoundError:
             return None
-        return load_safetensors(data)["latents"]
+        body, trailer = data[:-SEAL_SIZE], data[-SEAL_SIZE:]
+        seal = SEAL_TAG + _digest(body, fingerprint, position, "segment").hex().encode()
+        return data if trailer == struct.pack(">I4s", SEAL_SIZE, b"free") + seal else None
 
-    def has(self, request_id: str, fingerprint: str, position: int, kind: str) -> bool:
-        return exists(self.location(request_id, fingerprint, position, kind))
+    def remove_orphans(self, request_id: str, fingerprint: str) -> None:
+        """Temporary files a killed writer left in a render's local folder (object stores have none)."""
+        folder = Path(self.location(request_id, fingerprint, 0)).parent
+        if not is_uri(self.root) and folder.is_dir():
+            remove_orphans(folder, ".", ".tmp")
+
+    def has(self, request_id: str, fingerprint: str, position: int, kind: str, check: bool = True) -> bool:
+        """Whether a sound entry is there (read and checked whole; `check` False: whether one exists)."""
+        if not exists(self.location(request_id, fingerprint, position, kind)):
+            return False
+        if not check:
+            return True
+        if kind == "segment":
+            return self.load_segment(request_id, fingerprint, position) is not None
+        return self.load(request_id, fingerprint, position, kind) is not None
+
+
+SEAL_TAG = b"fp-ray sha256 "
+SEAL_SIZE = 8 + len(SEAL_TAG) + 64  # box header, tag, hex digest
+
+
+def _digest(data, fingerprint: str, position: int, kind: str, *extra: str) -> bytes:
+    """sha256 binding an entry's content to its place: a copy under another render, position or
+    kind does not check out."""
+    h = hashlib.sha256("/".join((fingerprint, str(position), kind, *extra)).encode())
+    h.update(data)
+    return h.digest()
+
+
+def _tensor_digest(t: torch.Tensor, fingerprint: str, position: int, kind: str) -> bytes:
+    t = t.contiguous()
+    return _digest(t.reshape(-1).view(torch.uint8).numpy(), fingerprint, position, kind, str(t.dtype), str(list(t.shape)))

@@ -16,18 +16,25 @@ from typing import Iterable, Iterator, Mapping
 import av
 import numpy as np
 
+from .storage import remove_orphans, writer_tag
+
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
 FASTSTART = {"movflags": "+faststart", "fflags": "+bitexact"}  # moov first: plays before it is all loaded
-FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact"}
+# flush_packets: each fragment reaches the file as it closes (at the next segment's keyframe), not when
+# the stream ends: readers of a growing file, and whatever is left after a kill, see the finished start
+FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact", "flush_packets": "1"}
 
 
 @contextlib.contextmanager
-def _atomic(path: str | Path) -> Iterator[str]:
-    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
+def atomic_file(path: str | Path) -> Iterator[str]:
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds. Its name
+    says which process writes it: those of `path` whose process is gone (killed mid-write,
+    so nothing removed them; a long video's are gigabytes) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    remove_orphans(path.parent, f".{path.name}.", ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -113,15 +120,20 @@ class SegmentJoiner:
 
 
 def join_segments(segments: Iterable[bytes | str], path: str | Path, fps: int, metadata: Mapping[str, str] | None = None) -> Path:
-    """The segments in order as one mp4 (moov at the front, with the `metadata` tags), written atomically."""
-    with _atomic(path) as tmp:
-        joiner = SegmentJoiner(tmp, fps, FASTSTART, metadata)
-        try:
-            for segment in segments:
-                joiner.append(segment)
-        finally:
-            joiner.close()
+    """The segments in order as one mp4 (`write_joined`), written atomically."""
+    with atomic_file(path) as tmp:
+        write_joined(segments, tmp, fps, metadata)
     return Path(path)
+
+
+def write_joined(segments: Iterable[bytes | str], target: str, fps: int, metadata: Mapping[str, str] | None = None) -> None:
+    """The segments in order as one mp4 at `target` (moov at the front, with the `metadata` tags)."""
+    joiner = SegmentJoiner(target, fps, FASTSTART, metadata)
+    try:
+        for segment in segments:
+            joiner.append(segment)
+    finally:
+        joiner.close()
 
 
 def frame_count(path: str | Path) -> int:

@@ -30,7 +30,7 @@ from .models import Components, ModelSpec
 from .request import RenderRequest
 from .schedule import Plan
 from .speed import SpeedOptions, apply_speed, decode_stream
-from .storage import SectionStore, delete, write_bytes
+from .storage import SectionStore, delete
 
 
 class Cancelled(RuntimeError):
@@ -255,13 +255,15 @@ class DecoderWorker:
     @staticmethod
     def _make(ctx: RenderContext, store: SectionStore, k: int, lead: torch.Tensor, previous_tail: torch.Tensor | None) -> int:
         previous = previous_chunk(ctx.plan, k)
+        ids = (ctx.request_id, ctx.fingerprint)
         if lead is None or (previous is not None and previous_tail is None):
+            if store.has(*ids, k, "segment"):
+                return k  # another run of the same render (same store and id, at the same time) made it and took the halves
             raise FileNotFoundError(f"segment {k} of render {ctx.request_id}: a seam half is missing from {ctx.store}")
         from .video import encode_segment  # PyAV: only where segments are encoded, not on every generator box
 
         frames = to_frames(segment_pixels(ctx.plan, lead, previous_tail))
-        ids = (ctx.request_id, ctx.fingerprint)
-        write_bytes(store.location(*ids, k, "segment"), encode_segment(frames, ctx.request.fps, ctx.request.crf))
+        store.save_segment(*ids, k, encode_segment(frames, ctx.request.fps, ctx.request.crf))
         delete(store.location(*ids, k, "lead"))
         if previous is not None:
             delete(store.location(*ids, previous, "tail"))

@@ -222,3 +222,88 @@ def test_bad_flags_are_one_line_too(capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert caught.value.code == 2 and "\n" not in err and err.startswith("fp-ray"), err
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    ("SIGTERM", 143, "stopped by SIGTERM"),
+    ("SIGINT", 130, "stopped by SIGINT"),
+    ("ENOSPC", 1, "No space left on device"),
+])
+def test_a_stop_or_full_disk_mid_render_is_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch, fault, code, message):
+    import errno
+    import os
+    import signal
+
+    from fp_ray import storage
+
+    args = ["render", *FAST, "--window", "2", "--seconds", "1.6", "--id", "r"]
+    assert main([*args, "--store", str(tmp_path / "clean"), "--out", str(tmp_path / "clean.mp4")]) == 0
+    out, store = tmp_path / "out.mp4", tmp_path / "store"
+    original, saved = storage.write_bytes, []
+
+    def third_save_fails(location, data):
+        if len(saved) == 2:
+            if fault == "ENOSPC":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.kill(os.getpid(), getattr(signal, fault))  # reaches the main thread, the render's event loop
+        saved.append(location)
+        original(location, data)
+
+    monkeypatch.setattr(storage, "write_bytes", third_save_fails)
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)  # the default, or Ray's where a test before started it here
+    assert main([*args, "--store", str(store), "--out", str(out)]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert message in lines[-1] and f"kept in {store}" in lines[-1] and "Traceback" not in "".join(lines), lines[-5:]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's handler is gone with it
+    kept = [Path(p) for p in saved if Path(p).name.startswith("section_")]
+    monkeypatch.setattr(storage, "write_bytes", original)
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    assert main([*args, "--store", str(store), "--out", str(out)]) == 0
+    assert kept and all(p.stat().st_mtime_ns == t for p, t in before.items())  # reused, not made again
+    assert out.read_bytes() == (tmp_path / "clean.mp4").read_bytes()
+
+
+def test_a_video_is_never_left_beside_another_renders_sidecar(tmp_path, monkeypatch):
+    """The sidecar's rename fails (a full disk, a kill) after the new video is in place: the old
+    record goes, it does not stay beside the new video."""
+    import os
+
+    from fp_ray.metadata import TAG
+
+    out = tmp_path / "v.mp4"
+    args = ["render", *FAST, "--window", "2", "--seconds", "0.8", "--out", str(out)]
+    assert main([*args, "--seed", "1"]) == 0
+    original = os.replace
+
+    def sidecar_fails(src, dst, *a, **k):
+        if str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device", str(dst))
+        return original(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", sidecar_fails)
+    assert main([*args, "--seed", "2"]) == 1
+    with av.open(str(out)) as video:
+        record = video.metadata[TAG]
+    sidecar = Path(f"{out}.json")
+    assert json.loads(record)["request"]["seed"] == 2
+    assert not sidecar.exists() or sidecar.read_text() == record
+
+
+def test_sigterm_stays_ours_after_ray_starts(monkeypatch):
+    """ray.init installs its own SIGTERM handler (exit at once with a native stack dump); the
+    command's goes back in place, and the one before the command after it."""
+    import signal
+
+    import ray
+
+    from fp_ray import cli
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: signal.signal(signal.SIGTERM, lambda *a: None))
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.terminate_as_interrupt():
+        cli.connect(None)
+        with pytest.raises(cli.Interrupted):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

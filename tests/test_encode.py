@@ -49,3 +49,27 @@ def test_exif_orientation_is_applied():
 def test_sample_image_decodes_unchanged():
     image = decode_image(SAMPLE_IMAGE.read_bytes())
     assert image.mode == "RGB" and min(image.size) >= MIN_IMAGE_SIDE
+
+
+def test_other_weights_in_the_same_folder_are_another_fingerprint(components, tmp_path):
+    """The store is keyed by the fingerprint: a model folder whose weights changed must not
+    hand back the old weights' sections (a video of the old model, recorded as the new)."""
+    import shutil
+
+    from fp_ray import TINY_CHECKPOINT
+    from fp_ray.encode import encode_request, read_request_images, request_fingerprint
+    from fp_ray.metadata import folder_digest, model_identity
+    from fp_ray.request import make_request
+
+    encoded = encode_request(components, make_request(prompt="a valley", width=64, height=48, steps=2, seconds=0.8))
+    images = read_request_images(encoded.request)
+    assert encoded.fingerprint == request_fingerprint(encoded.request, images, model=encoded.provenance.model)
+    model = tmp_path / "model"
+    shutil.copytree(TINY_CHECKPOINT, model)
+    before = request_fingerprint(encoded.request, images, model=model_identity(str(model)))
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # the last weights changed, the size kept
+    weights.write_bytes(bytes(data))
+    folder_digest.cache_clear()
+    assert request_fingerprint(encoded.request, images, model=model_identity(str(model))) != before

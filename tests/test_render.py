@@ -113,3 +113,23 @@ def test_noise_stream_is_order_free():
     torch.randn((1, 16, 1, 4, 4), generator=g)
     reference = [torch.randn((1, 16, 3, 4, 4), generator=g) for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(in_order, reference))
+
+
+def test_local_pools_serve_one_event_loop_after_another():
+    """A batch stage keeps its pools and runs each row in a new event loop: a turn that had a
+    waiter in one row's loop must not fail the next row."""
+    import asyncio
+
+    from fp_ray.render import LocalPools
+
+    class Decoder:
+        def segment(self, job):
+            return [job]
+
+    pools = LocalPools(decoder=Decoder())
+
+    async def row():  # two decodes at once: the second waits for its turn
+        return await asyncio.gather(pools.segment(1), pools.segment(2))
+
+    assert asyncio.run(row()) == [[1], [2]]
+    assert asyncio.run(row()) == [[1], [2]]

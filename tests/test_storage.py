@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +39,93 @@ def test_fingerprint_depends_on_image_bytes_not_names():
     assert fingerprint("{}", b"img") == fingerprint("{}", b"img")
     assert fingerprint("{}", b"img") != fingerprint("{}", b"img2")
     assert fingerprint("{}", b"img", None) != fingerprint("{}", b"img", b"end")
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "zeroed":
+        data = bytearray(len(data))
+    else:  # garbled: a few bytes of the payload flipped, the header intact
+        for i in range(len(data) - 40, len(data) - 30):
+            data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "garbled"])
+def test_a_damaged_entry_reads_as_absent(tmp_path, how):
+    store, fp = SectionStore(tmp_path), "ab" * 32
+    section = store.save("r", fp, 1, torch.randn(1, 16, 3, 6, 8))
+    segment = store.save_segment("r", fp, 1, b"\0\0\0\x08mdat" + bytes(range(256)) * 4)
+    assert store.has("r", fp, 1, "section") and store.has("r", fp, 1, "segment")
+    for where in (section, segment):
+        _damage(Path(where), how)
+    assert store.load("r", fp, 1) is None and not store.has("r", fp, 1, "section")
+    assert store.load_segment("r", fp, 1) is None and not store.has("r", fp, 1, "segment")
+
+
+def test_an_entry_moved_to_another_place_does_not_check_out(tmp_path):
+    store, fp = SectionStore(tmp_path), "ab" * 32
+    latents = torch.randn(1, 16, 3, 6, 8, dtype=torch.bfloat16)
+    Path(store.location("r", fp, 2)).parent.mkdir(parents=True)
+    os.replace(store.save("r", fp, 1, latents), store.location("r", fp, 2))  # another position
+    os.replace(store.save("r", fp, 1, latents, "lead"), store.location("r", fp, 1, "tail"))  # another kind
+    os.replace(store.save_segment("r", fp, 1, b"mp4"), store.location("r", fp, 2, "segment"))
+    assert store.load("r", fp, 2) is None and store.load("r", fp, 1, "tail") is None
+    assert store.load_segment("r", fp, 2) is None
+    store.save("r", fp, 1, latents)
+    assert torch.equal(store.load("r", fp, 1), latents)  # bfloat16 round-trips and checks out in place
+
+
+def test_a_symlink_in_the_store_is_replaced_not_written_through(tmp_path):
+    store, fp = SectionStore(tmp_path / "store"), "ab" * 32
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"keep me")
+    where = Path(store.location("r", fp, 0))
+    where.parent.mkdir(parents=True)
+    where.symlink_to(outside)
+    assert store.load("r", fp, 0) is None
+    store.save("r", fp, 0, torch.ones(2))
+    assert outside.read_bytes() == b"keep me" and not where.is_symlink()
+    assert torch.equal(store.load("r", fp, 0), torch.ones(2))
+
+
+def test_a_killed_renders_temporary_store_is_removed_by_the_next(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from fp_ray.coordinator import render_store
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    host = socket.gethostname()
+    orphan = tmp_path / f"fp-ray-{host}-{gone}.abc"  # a render killed without --store
+    (orphan / "r" / "fp").mkdir(parents=True)
+    (orphan / "r" / "fp" / "section_000.safetensors").write_bytes(b"latents")
+    running = tmp_path / f"fp-ray-{host}-{os.getpid()}.def"  # one in flight
+    running.mkdir()
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (tmp_path / f"fp-ray-{host}-{gone}.lnk").symlink_to(outside)  # a link is removed, never followed
+    with render_store(None) as store:
+        assert Path(store.root).name.startswith(f"fp-ray-{host}-{os.getpid()}.")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep", running.name, Path(store.root).name])
+    assert outside.is_dir()
+
+
+def test_a_killed_writers_temporary_entries_are_removed_from_the_render_folder(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    store, fp = SectionStore(tmp_path), "ab" * 32
+    folder = Path(store.save("r", fp, 0, torch.ones(2))).parent
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    host = socket.gethostname()
+    (folder / f".{host}-{gone}.0123.tmp").write_bytes(b"half a section")
+    (folder / f".{host}-{os.getpid()}.4567.tmp").write_bytes(b"being written")
+    store.remove_orphans("r", fp)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f".{host}-{os.getpid()}.4567.tmp", "section_000.safetensors"])

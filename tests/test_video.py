@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 
 import av
@@ -60,3 +61,34 @@ def test_joined_and_progressive_mp4s_keep_their_tags(tmp_path, options):
     with av.open(str(target)) as container:
         assert container.metadata["comment"] == comment
     assert read_frames(target).shape == (8, 48, 64, 3)
+
+
+def test_a_growing_progressive_file_holds_the_finished_segments(tmp_path):
+    """Each segment's fragment is on disk once the next one starts, not only at the end: a
+    player reading the growing file, or what a killed render leaves, has the finished start."""
+    rng = np.random.default_rng(0)
+    segments = [encode_segment(rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8), 30, 16) for _ in range(3)]
+    path = tmp_path / "progressive.mp4"
+    joiner = SegmentJoiner(str(path), 30, FRAGMENTED)
+    for segment in segments:
+        joiner.append(segment)
+    assert read_frames(io.BytesIO(path.read_bytes())).shape[0] == 10  # the first two, before close
+    joiner.close()
+    assert read_frames(path).shape[0] == 15
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    orphan = tmp_path / f".v.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # a process killed while joining
+    running = tmp_path / f".v.mp4.{host}-{os.getpid()}.def.tmp"  # a join in flight
+    other = tmp_path / f".w.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # another video's
+    for path in (orphan, running, other):
+        path.write_bytes(b"part of a video")
+    join_segments([encode_segment(np.zeros((2, 32, 48, 3), dtype=np.uint8), 30, 16)], tmp_path / "v.mp4", 30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "v.mp4"])
