@@ -9,6 +9,7 @@ STARTED = time.perf_counter()  # before the heavy imports: start-up counts in a 
 import argparse
 import contextlib
 import contextvars
+import logging
 import os
 import signal
 import sys
@@ -339,12 +340,15 @@ def writable_folder(location: str, flag: str) -> Path:
     return path
 
 
+# The "ray" logger's level for ray.init: importing ray sets the logger to INFO whatever was set
+# before, so configure_output's choice is kept here and ray.init applies it.
+_ray_logging_level = {"level": logging.INFO}
+
+
 def connect(address: str | None) -> None:
     import ray
 
-    import logging
-
-    level = logging.getLogger("ray").getEffectiveLevel()
+    level = _ray_logging_level["level"]
     ray.init(address=address, log_to_driver=False, logging_level=level) if address else ray.init(log_to_driver=False, logging_level=level)
     if _stopping.get():  # ray.init put its own in place (exit at once, a native stack dump): ours again
         signal.signal(signal.SIGTERM, _interrupt)
@@ -488,7 +492,6 @@ def configure_output(verbose: bool) -> None:
     chatter to a user of the command; `-v` shows them."""
     if verbose:
         return
-    import logging
     import warnings
 
     import diffusers.utils.logging as diffusers_logging
@@ -502,14 +505,13 @@ def configure_output(verbose: bool) -> None:
         lib.disable_progress_bar()
     warnings.filterwarnings("ignore", module=r"(transformers|diffusers|torch|ray)\b")
     logging.getLogger("ray").setLevel(logging.ERROR)
+    _ray_logging_level["level"] = logging.ERROR  # ray.init's own start-up logs (token auth, dashboard address)
 
 
 def quiet_ray_data(verbose: bool) -> None:
     """Ray Data logs every pipeline's progress at INFO and draws bars; `-v` keeps them."""
     if verbose:
         return
-    import logging
-
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)

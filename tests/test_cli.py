@@ -307,3 +307,24 @@ def test_sigterm_stays_ours_after_ray_starts(monkeypatch):
         with pytest.raises(cli.Interrupted):
             signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ray_start_up_logs_stay_quiet_without_v(monkeypatch):
+    """Importing ray sets its logger to INFO whatever was set before: ray.init still gets the
+    quiet level, so its token and dashboard lines do not reach a user's terminal (-v shows them)."""
+    import logging
+
+    import ray
+
+    import fp_ray.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setitem(cli._ray_logging_level, "level", logging.INFO)
+    cli.configure_output(True)
+    cli.connect(None)
+    assert seen["logging_level"] == logging.INFO
+    cli.configure_output(False)
+    logging.getLogger("ray").setLevel(logging.INFO)  # what `import ray` does when it comes after
+    cli.connect(None)
+    assert seen["logging_level"] == logging.ERROR and seen["log_to_driver"] is False
