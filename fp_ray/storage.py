@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import glob
 import hashlib
 import os
@@ -145,28 +144,14 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
 def writer_tag() -> str:
     """This process, in the name of a temporary file or folder it writes (`{prefix}{tag}.`):
     a later run tells those a killed process left from those still being written."""
-    return f"{writer_host()}-{os.getpid()}"
-
-
-@functools.cache
-def writer_host() -> str:
-    """Where this process's ids are its own: the hostname, and a digest of the kernel's boot and
-    the pid namespace. Hostnames alone do not tell apart containers on one machine that share
-    its name (Docker's --network host, Kubernetes' hostNetwork) but number their processes
-    apart, nor machines left with one name: a writer of theirs is no process of ours."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        pids = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:  # no /proc (macOS): the hostname alone
-        return socket.gethostname()
-    return f"{socket.gethostname()}~{hashlib.sha256(f'{boot}/{pids}'.encode()).hexdigest()[:12]}"
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def remove_orphans(folder: Path, prefix: str, suffix: str = "") -> None:
     """Remove what this host's processes that are gone left in `folder` as
     `{prefix}{writer_tag()}.*{suffix}`: nothing removes a killed writer's temporary files, and
     a long video's are gigabytes."""
-    head = f"{prefix}{writer_host()}-"
+    head = f"{prefix}{socket.gethostname()}-"
     for orphan in folder.glob(f"{glob.escape(head)}*{glob.escape(suffix)}"):
         pid = orphan.name[len(head):].split(".", 1)[0]
         if not pid.isdigit() or _running(int(pid)):

@@ -79,13 +79,12 @@ def test_a_growing_progressive_file_holds_the_finished_segments(tmp_path):
 
 def test_temporary_files_of_a_killed_write_are_removed_by_the_next(tmp_path):
     import os
+    import socket
     import subprocess
     import sys
 
-    from fp_ray.storage import writer_host
-
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = writer_host()
+    host = socket.gethostname()
     orphan = tmp_path / f".v.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # a process killed while joining
     running = tmp_path / f".v.mp4.{host}-{os.getpid()}.def.tmp"  # a join in flight
     other = tmp_path / f".w.mp4.{host}-{int(gone.stdout)}.abc.tmp"  # another video's
