@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
-from .storage import SectionStore, is_uri, remove_orphans, writer_tag
+from .storage import SectionStore, hold, is_uri, remove_orphans, writer_tag
 from .workers import RenderContext, SectionJob, SegmentJob, Shared
 
 Event = dict
@@ -247,7 +248,12 @@ def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
         return
     remove_orphans(Path(tempfile.gettempdir()), "fp-ray-")
     with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.") as tmp:
-        yield SectionStore(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            hold(fd)
+            yield SectionStore(tmp)
+        finally:
+            os.close(fd)
 
 
 async def run_render(
