@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
-from .storage import SectionStore, is_uri, remove_orphans, writer_tag
+from .storage import SectionStore, hold, is_uri, remove_orphans, writer_tag
 from .workers import RenderContext, SectionJob, SegmentJob, Shared
 
 Event = dict
@@ -177,8 +178,10 @@ async def generate_sections(
     (latents by position, reused positions, seconds spent in the section function).
     """
     request, plan = ctx.request, ctx.plan
-    done = SectionLatents.stored(ctx, range(plan.num_sections))
-    done.store.remove_orphans(*done.ids)
+    # read and checked whole in a thread: a long render's sections are gigabytes, and the loop
+    # has other work (Serve: other renders' leases and requests)
+    done = await asyncio.to_thread(SectionLatents.stored, ctx, range(plan.num_sections))
+    await asyncio.to_thread(done.store.remove_orphans, *done.ids)
     reused = sorted(done)
     readers = {p: [s.position for s in plan.sections if p in s.depends_on] for p in range(plan.num_sections)}
     emit({"type": "plan", "request_id": ctx.request_id, "sections": plan.num_sections, "frames": sum(new_segment_frames(plan, ctx.cond)),
@@ -245,7 +248,12 @@ def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
         return
     remove_orphans(Path(tempfile.gettempdir()), "fp-ray-")
     with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.") as tmp:
-        yield SectionStore(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            hold(fd)
+            yield SectionStore(tmp)
+        finally:
+            os.close(fd)
 
 
 async def run_render(
@@ -283,7 +291,7 @@ async def run_render(
     with render_store(store) as where:
         ctx = await asyncio.to_thread(render_context, encoded, rid, where, sources)
         shared = await pools.share(ctx)
-        segments = Segments(ctx, shared, pools, emit, preview_dir, progressive)
+        segments = await asyncio.to_thread(Segments, ctx, shared, pools, emit, preview_dir, progressive)  # reads the store
         try:
             segments.start()
             done, reused, generate_s = await generate_sections(

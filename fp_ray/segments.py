@@ -244,7 +244,7 @@ async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done:
                        out: str | Path, emit: OnEvent = lambda event: None) -> tuple[str, dict[str, float], int]:
     """The coordinator's tail for sections generated elsewhere (the batch's stages): make
     every segment and write the mp4. Returns (where, timings, frames written)."""
-    segments = Segments(ctx, shared, pools, emit)
+    segments = await asyncio.to_thread(Segments, ctx, shared, pools, emit)  # reads and checks the stored segments
     t = time.perf_counter()
     try:
         segments.start()

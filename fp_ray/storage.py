@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import os
@@ -128,12 +129,17 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         path = Path(os.path.abspath(location))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{writer_tag()}.{uuid.uuid4().hex}.tmp"  # SectionStore.remove_orphans
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            tmp.write_bytes(data)
+            hold(fd)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
         return
     fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -154,12 +160,42 @@ def remove_orphans(folder: Path, prefix: str, suffix: str = "") -> None:
     head = f"{prefix}{socket.gethostname()}-"
     for orphan in folder.glob(f"{glob.escape(head)}*{glob.escape(suffix)}"):
         pid = orphan.name[len(head):].split(".", 1)[0]
-        if not pid.isdigit() or _running(int(pid)):
+        if not pid.isdigit() or _running(int(pid)) or _held(orphan):
             continue
         if orphan.is_dir() and not orphan.is_symlink():
             shutil.rmtree(orphan, ignore_errors=True)
         else:
             orphan.unlink(missing_ok=True)
+
+
+def hold(fd: int) -> None:
+    """Mark the temporary file or folder open at `fd` as being written, until the descriptor
+    closes: `remove_orphans` leaves what a live writer holds, whatever pid its name says (a
+    container on this machine may share its hostname and number its processes apart). Where
+    the filesystem has no locks, the pid alone tells."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live writer holds `path` (`hold`); a link is no writer's."""
+    if path.is_symlink():
+        return False
+    try:  # an exclusive lock over NFS needs the file open for writing (folders: local ones)
+        fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if path.is_dir() else (os.O_RDWR | os.O_NOFOLLOW))
+    except FileNotFoundError:
+        return False
+    except OSError:  # cannot tell: left alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks here: the pid tells
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _running(pid: int) -> bool:

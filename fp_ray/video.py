@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 import av
 import numpy as np
 
-from .storage import remove_orphans, writer_tag
+from .storage import hold, remove_orphans, writer_tag
 
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
@@ -35,8 +35,8 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path.parent, f".{path.name}.", ".tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        hold(fd)  # until renamed: another container's render with this hostname leaves it
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
@@ -45,6 +45,8 @@ def atomic_file(path: str | Path) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def encode_frames(frames: Iterable[np.ndarray], target, fps: int, crf: int) -> int:

@@ -320,3 +320,26 @@ def test_a_seam_another_run_of_the_same_render_made_counts_as_made(components, t
     (tmp_path / "store" / "twice" / first.fingerprint[:16] / "segment_001.mp4").unlink()  # not made after all: an error
     with pytest.raises(FileNotFoundError, match="seam half is missing"):
         decoder.segment(SegmentJob(Shared(ctx.key, ctx), 1, None))
+
+
+def test_a_resumed_render_reads_its_checkpoints_off_the_event_loop(components, tmp_path, monkeypatch):
+    """Resuming reads and checks every stored section and segment (at 546 sections, gigabytes
+    from a shared store): none of it runs on the event loop, which in Serve also keeps the
+    leases of the replica's other renders and answers their requests."""
+    request = make_request(**SMALL, seconds=2.4)  # 2 sections
+    store = SectionStore(tmp_path / "store")
+    first = render(request, tmp_path / "a.mp4", components=components, store=store, request_id="resumed")
+    on_loop, original = [], SectionStore.has
+
+    def has(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(args)
+        except RuntimeError:  # a worker thread: no loop runs here
+            pass
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SectionStore, "has", has)
+    again = render(request, tmp_path / "b.mp4", components=components, store=store, request_id="resumed")
+    assert again.reused == [0, 1] and again.segments_reused == [0, 1] and on_loop == []
+    assert sha(again.path) == sha(first.path)

@@ -129,3 +129,35 @@ def test_a_killed_writers_temporary_entries_are_removed_from_the_render_folder(t
     (folder / f".{host}-{os.getpid()}.4567.tmp").write_bytes(b"being written")
     store.remove_orphans("r", fp)
     assert sorted(p.name for p in folder.iterdir()) == sorted([f".{host}-{os.getpid()}.4567.tmp", "section_000.safetensors"])
+
+
+def test_a_live_writer_elsewhere_with_this_hostname_keeps_its_temporary_files(tmp_path):
+    """Containers on one machine may share its hostname (Docker's --network host, Kubernetes'
+    hostNetwork) and number their processes apart: a pid that is no process here may be a live
+    writer there. A writer holds a lock on its file while it writes; a held file is left alone."""
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+
+    from fp_ray.storage import remove_orphans
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    host = socket.gethostname()
+    store, fp = SectionStore(tmp_path / "store"), "ab" * 32
+    folder = Path(store.save("r", fp, 0, torch.ones(2))).parent
+    writing = [folder / f".{host}-{gone}.0123.tmp", tmp_path / f".v.mp4.{host}-{gone}.abc.tmp", tmp_path / f"fp-ray-{host}-{gone}.def"]
+    killed = [folder / f".{host}-{gone}.4567.tmp", tmp_path / f".v.mp4.{host}-{gone}.ghi.tmp", tmp_path / f"fp-ray-{host}-{gone}.jkl"]
+    for path in writing + killed:
+        path.mkdir() if path.name.startswith("fp-ray-") else path.write_bytes(b"being written")
+    held = [os.open(path, os.O_RDONLY) for path in writing]  # the other container's writers
+    try:
+        for fd in held:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        store.remove_orphans("r", fp)
+        remove_orphans(tmp_path, ".v.mp4.", ".tmp")
+        remove_orphans(tmp_path, "fp-ray-")
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert all(path.exists() for path in writing) and not any(path.exists() for path in killed)
