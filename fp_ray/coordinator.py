@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from .metadata import dumps, render_metadata
 from .request import RenderRequest
 from .schedule import Plan, Section
 from .segments import Segments
-from .storage import SectionStore, hold, is_uri, remove_orphans, writer_tag
+from .storage import SectionStore, is_uri, temporary_folder
 from .workers import RenderContext, SectionJob, SegmentJob, Shared
 
 Event = dict
@@ -246,14 +244,8 @@ def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
     if store is not None:
         yield store
         return
-    remove_orphans(Path(tempfile.gettempdir()), "fp-ray-")
-    with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.") as tmp:
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            hold(fd)
-            yield SectionStore(tmp)
-        finally:
-            os.close(fd)
+    with temporary_folder("store") as tmp:
+        yield SectionStore(str(tmp))
 
 
 async def run_render(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import shutil
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -42,7 +41,7 @@ from pydantic import ValidationError
 
 from .packing import HISTORY_FRAMES
 from .request import MAX_SIDE, MIN_SIDE, RenderRequest, RequestError, excerpt
-from .storage import file_sha256, is_uri
+from .storage import file_sha256, is_uri, temporary_folder
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -95,8 +94,8 @@ def local_clip(location: str) -> Iterator[Path]:
             raise ClipError(f"{what}: file not found")
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="fp-ray-clip-") as tmp:
-        path = Path(tmp) / "clip"
+    with temporary_folder("clip") as tmp:
+        path = tmp / "clip"
         try:
             with open_remote(location) as src, path.open("wb") as dst:
                 copied = 0
@@ -345,7 +344,7 @@ class ClipJoin:
 
     def __init__(self, request: RenderRequest, sha256: str | None = None):
         self.request, self.sha256 = request, sha256
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._folder = contextlib.ExitStack()  # the prepared clip's temporary folder, until close()
         self._path: str | None = None
 
     def parts(self, segments: Iterable[bytes], *, start: bool = True, end: bool = True) -> Iterator[bytes | str]:
@@ -371,8 +370,7 @@ class ClipJoin:
         from .video import encode_frames
 
         what = f"extend: {excerpt(self.request.extend, 120)}"
-        self._dir = tempfile.TemporaryDirectory(prefix="fp-ray-clip-")
-        target = Path(self._dir.name) / "clip.mp4"
+        target = self._folder.enter_context(temporary_folder("clip")) / "clip.mp4"
         with local_clip(self.request.extend) as path:
             if self.sha256 is not None and (now := file_sha256(path)) != self.sha256:
                 raise ClipError(f"{what} changed while it rendered (sha256 {now[:16]}..., encoded {self.sha256[:16]}...); "
@@ -390,5 +388,4 @@ class ClipJoin:
         return self._path
 
     def close(self) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
+        self._folder.close()

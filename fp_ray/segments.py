@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -16,7 +15,7 @@ import torch
 from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
-from .storage import SectionStore, is_uri, write_bytes
+from .storage import SectionStore, is_uri, temporary_folder, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments, write_joined
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
@@ -215,8 +214,8 @@ class Segments:
             if not is_uri(out):
                 self._write_local(parts, Path(out))
                 return str(out)
-            with tempfile.TemporaryDirectory() as tmp:
-                local = join_segments(parts, Path(tmp) / "video.mp4", fps, self._tags())
+            with temporary_folder("out") as tmp:
+                local = join_segments(parts, tmp / "video.mp4", fps, self._tags())
                 self.frames_written = frame_count(local)
                 write_bytes(str(out), local.read_bytes())
         finally:

@@ -24,6 +24,7 @@ import shutil
 import socket
 import struct
 import stat
+import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -175,6 +176,23 @@ def hold(fd: int) -> None:
     the filesystem has no locks, the pid alone tells."""
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+@contextlib.contextmanager
+def temporary_folder(label: str) -> Iterator[Path]:
+    """A temporary folder of this process (`fp-ray-{writer_tag()}.{label}-*` in the system's
+    temporary folder), held while in use and removed after. Those a killed process left (a
+    render's temporary store, a downloaded or re-encoded clip, a video on its way to a URI:
+    gigabytes, possibly) are removed first."""
+    root = Path(tempfile.gettempdir())
+    remove_orphans(root, "fp-ray-")
+    with tempfile.TemporaryDirectory(prefix=f"fp-ray-{writer_tag()}.{label}-") as tmp:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            hold(fd)
+            yield Path(tmp)
+        finally:
+            os.close(fd)
 
 
 def _held(path: Path) -> bool:

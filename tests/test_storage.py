@@ -98,6 +98,7 @@ def test_a_killed_renders_temporary_store_is_removed_by_the_next(tmp_path, monke
     import tempfile
 
     from fp_ray.coordinator import render_store
+    from fp_ray.storage import temporary_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
@@ -110,9 +111,15 @@ def test_a_killed_renders_temporary_store_is_removed_by_the_next(tmp_path, monke
     outside = tmp_path / "keep"
     outside.mkdir()
     (tmp_path / f"fp-ray-{host}-{gone}.lnk").symlink_to(outside)  # a link is removed, never followed
+    clip = tmp_path / f"fp-ray-{host}-{gone}.clip-x1y2"  # an extension's downloaded or re-encoded clip
+    clip.mkdir()
+    (clip / "clip.mp4").write_bytes(b"\0" * 1024)
     with render_store(None) as store:
-        assert Path(store.root).name.startswith(f"fp-ray-{host}-{os.getpid()}.")
+        assert Path(store.root).name.startswith(f"fp-ray-{host}-{os.getpid()}.store-")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep", running.name, Path(store.root).name])
+        with temporary_folder("clip") as folder:  # what extend.py downloads and re-encodes into
+            assert folder.name.startswith(f"fp-ray-{host}-{os.getpid()}.clip-") and folder.parent == tmp_path
+        assert not folder.exists()
     assert outside.is_dir()
 
 
