@@ -15,7 +15,7 @@ import torch
 from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
-from .storage import SectionStore, is_uri, temporary_folder, write_bytes
+from .storage import SectionStore, delete, is_uri, temporary_folder, upload, write_bytes
 from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments, write_joined
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
@@ -217,7 +217,9 @@ class Segments:
             with temporary_folder("out") as tmp:
                 local = join_segments(parts, tmp / "video.mp4", fps, self._tags())
                 self.frames_written = frame_count(local)
-                write_bytes(str(out), local.read_bytes())
+                # an older record goes first: a failed upload never leaves a video beside another render's record
+                delete(sidecar_location(out))
+                upload(local, str(out))
         finally:
             self._clip.close()
         if self.ctx.metadata:

@@ -232,6 +232,15 @@ def exists(location: str | os.PathLike) -> bool:
     return _is_file(*filesystem(location))
 
 
+def upload(local: Path, location: str) -> None:
+    """Copy a local file to a URI in blocks (a long video is never whole in memory); an
+    object store publishes the object only when its upload completes."""
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with local.open("rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
 def delete(location: str | os.PathLike) -> None:
     """Remove an object if it exists."""
     if not is_uri(location):

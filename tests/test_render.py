@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,26 @@ def test_same_request_same_bytes(components, tmp_path):
     assert frames.shape == (a.plan.pixel_frames, 48, 64, 3) == (73, 48, 64, 3)
     other = render(make_request(**{**SMALL, "seed": 1}, seconds=2.4), tmp_path / "c.mp4", components=components)
     assert sha(other.path) != sha(a.path)
+
+
+def test_a_video_to_a_uri_is_streamed_there_with_its_record(components, tmp_path, monkeypatch):
+    """An output URI gets the same bytes as a local output, copied in blocks (never passed
+    whole through memory), and its sidecar record after it; an older record goes first."""
+    import fp_ray.segments
+    from fp_ray.metadata import sidecar_location
+
+    request = make_request(**SMALL, seconds=2.4)
+    local = render(request, tmp_path / "local.mp4", components=components)
+    target = tmp_path / "bucket" / "v.mp4"
+    target.parent.mkdir()
+    Path(sidecar_location(target)).write_text("{}")  # another render's record
+    whole = []
+    monkeypatch.setattr(fp_ray.segments, "write_bytes", lambda where, data, f=fp_ray.segments.write_bytes: whole.append(where) or f(where, data))
+    result = render(request, target.as_uri(), components=components)
+    assert result.path is None and result.frames == local.frames == 73
+    assert target.read_bytes() == local.path.read_bytes()
+    assert whole == [sidecar_location(target.as_uri())]  # the video itself went through upload()
+    assert Path(sidecar_location(target)).read_text() == Path(sidecar_location(local.path)).read_text()
 
 
 def test_unipc_default_sampler_is_finite(components, tmp_path):
