@@ -324,6 +324,19 @@ def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = No
     runner.run("fast_e2e_decode_inline", fast(False), e2e_estimate() * 0.7)
     if state.get("fp8"):
         runner.run("fp8_other_sizes", others, recompile() * len(sizes[1:]))
+
+    def fp8_autotuned():
+        # What torchao's recommended Inductor settings, which fp-ray leaves off, would give:
+        # coordinate-descent autotuning of every kernel (and TF32, which bf16 work does not
+        # use). Last, since they stay set for the rest of the process.
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
+        torch._dynamo.reset()
+        return {main_size: timed(main_size, True, warmup=2), "compile_times": compile_times_table()}
+
+    if state.get("fp8"):
+        runner.run("fp8_autotuned", fp8_autotuned, 240)
     runner.results["meta"]["finished"] = True
     runner.results["meta"]["parts"] = sorted(parts) if parts else "all"
     runner.write()

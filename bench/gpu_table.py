@@ -81,6 +81,7 @@ def render(results: dict) -> str:
     lines += [
         f"| torch.compile of the blocks | {_s(fwd('forward_eager', size, 'trimmed'))} | {_s(fwd('compile', size))} |",
         f"| FP8 matmuls (after compile) | {_s(fwd('compile', size))} | {_s(fwd('fp8_forward', size))} |",
+        f"| Inductor autotuning of the FP8 kernels (torchao's settings) | {_s(fwd('fp8_forward', size))} | {_s(fwd('fp8_autotuned', size))} |",
         f"| decode overlapped (fast mode, end to end) | {_s(parts.get('fast_e2e_decode_inline', {}).get('total_s'))} | {_s(tot[2])} |",
     ]
     for name, label in (("profile_stock", "reference forward"), ("profile_exact", "exact-mode forward")):
