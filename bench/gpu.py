@@ -115,10 +115,10 @@ def meta(setup: Setup, budget_s: float) -> dict:
     }
 
 
-def bench_request(setup: Setup, width: int, height: int, cache_threshold: float | None = None):
+def bench_request(setup: Setup, width: int, height: int, cache_threshold: float | None = None, cache_method: str = "first_block"):
     return make_request(prompt=PROMPT, width=width, height=height, seconds=setup.sections * setup.window * 4 / 30,
                         window=setup.window, steps=setup.steps, sampler="euler", guidance=10.0, seed=SEED,
-                        cache_threshold=cache_threshold)
+                        cache_threshold=cache_threshold, cache_method=cache_method)
 
 
 def compare(ref: dict, ours: dict) -> dict:
@@ -172,6 +172,27 @@ def compile_times_table() -> list[str]:
     from torch._dynamo.utils import compile_times
 
     return str(compile_times(repr="str", aggregate=True)).splitlines()[:40]
+
+
+class FullSteps:
+    """Counts the transformer calls computed in full, whichever step cache runs: the calls that
+    reach the last block's own forward (a cached step skips it)."""
+
+    def __init__(self, transformer):
+        self.block, self.count = transformer.single_transformer_blocks[-1], 0
+
+    def __enter__(self):
+        inner = self._inner = self.block.forward
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return inner(*args, **kwargs)
+
+        self.block.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.block.forward = self._inner
 
 
 def gpu_state() -> dict | None:
@@ -301,27 +322,30 @@ def main(setup: Setup, out: Path, docs: Path | None, parts: set[str] | None = No
 
     runner.run("fp8_forward", fp8, recompile())
 
-    def fast(overlap: bool, threshold=lambda: FAST_CACHE_THRESHOLD):
+    def fast(overlap: bool, method: str, threshold=lambda: FAST_CACHE_THRESHOLD):
         def part():
             cond, _, plan = state[main_size]
-            with StepCount() as count:
-                run = m.run_fp_ray(c, plan, cond, bench_request(setup, w, h, threshold()), overlap=overlap)
+            with StepCount() as count, FullSteps(c.transformer) as full:
+                run = m.run_fp_ray(c, plan, cond, bench_request(setup, w, h, threshold(), method), overlap=overlap)
             state.setdefault("fast", run)
-            state.setdefault("changes", count.changes)
-            return {**summary(run), "fp8": state.get("fp8", False), "overlap": overlap, "threshold": threshold(),
-                    "steps_computed": sum(count.decisions), "steps": len(count.decisions),
+            if count.changes:
+                state.setdefault("changes", count.changes)
+            return {**summary(run), "fp8": state.get("fp8", False), "overlap": overlap, "method": method,
+                    "threshold": threshold(), "steps_computed": full.count, "steps": setup.sections * setup.steps,
                     "residual_changes": [round(x, 4) for x in count.changes],
                     "vs_exact": compare(state["exact"], run) if "exact" in state else None}
         return part
 
-    runner.run("fast_e2e", fast(True), e2e_estimate() * 0.6)
-    # Random weights move the first block's residual far more per step than trained ones, so
-    # the shipped threshold may skip nothing here: this run picks the threshold that skips about
-    # half the steps measured above, for the speed the cache gives (its quality on random
-    # weights says nothing).
+    # Fast mode as --fast runs it: MagCache skips by calibrated ratios, so its speed is the same
+    # on random weights as on trained ones (its quality here says nothing).
+    runner.run("fast_e2e", fast(True, "mag"), e2e_estimate() * 0.6)
+    # FirstBlockCache decides from the first block's residual, which random weights move far
+    # more per step than trained ones, so the shipped threshold may skip nothing here: this run
+    # first records the residual changes, then picks the threshold that skips about half.
+    runner.run("fast_e2e_first_block", fast(True, "first_block"), e2e_estimate())
     median_change = lambda: float(np.median(state["changes"])) if state.get("changes") else FAST_CACHE_THRESHOLD
-    runner.run("fast_e2e_half_skipped", fast(True, median_change), e2e_estimate() * 0.5)
-    runner.run("fast_e2e_decode_inline", fast(False), e2e_estimate() * 0.7)
+    runner.run("fast_e2e_half_skipped", fast(True, "first_block", median_change), e2e_estimate() * 0.5)
+    runner.run("fast_e2e_decode_inline", fast(False, "mag"), e2e_estimate() * 0.7)
     if state.get("fp8"):
         runner.run("fp8_other_sizes", others, recompile() * len(sizes[1:]))
 

@@ -44,7 +44,7 @@ from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContex
 log = logging.getLogger(__name__)
 
 COLUMNS = {"id", "prompt", "image", "end_image", "extend", "seconds", "seed", "schedule", "sampler", "steps", "guidance",
-           "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cfg", "negative_prompt",
+           "size", "width", "height", "resolution", "window", "fps", "crf", "cache_threshold", "cache_method", "cfg", "negative_prompt",
            "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 MAX_MANIFEST_BYTES = 2**30  # millions of rows; never a device read to its end

@@ -28,7 +28,7 @@ from .models import ModelNotFoundError, ModelSources, ModelSpec
 from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
-from .speed import FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
+from .speed import CACHE_METHODS, FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
 from .storage import StorageError, is_uri
 from .workers import SectionOutOfMemory, WorkerStartError
 
@@ -80,7 +80,10 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, help=f"frames per second (default {d['fps']})")
     p.add_argument("--crf", type=int, help=f"x264 quality, lower is better (default {d['crf']})")
     p.add_argument("--model", help="checkpoint folder or hub id (default: the tiny checkpoint)")
-    p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): FirstBlockCache threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+    p.add_argument("--cache-threshold", type=float, help=f"step cache (fast mode): its threshold, e.g. {FAST_CACHE_THRESHOLD}; higher skips more steps (default: off)")
+    p.add_argument("--cache-method", choices=CACHE_METHODS, help="the step cache: mag (MagCache, calibrated skips; --fast's) "
+                   "or first_block (FirstBlockCache); sets --cache-threshold "
+                   f"{FAST_CACHE_THRESHOLD} unless given")
     p.add_argument("--keyframe", action="append", metavar="TIME:IMAGE",
                    help="an image the video passes through, e.g. 4s:pose.png (repeatable; bidirectional schedule); "
                         "the time snaps to the nearest section boundary (`fp-ray plan` shows where)")
@@ -93,7 +96,7 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (exact; slow first section)")
     p.add_argument("--attention", help="diffusers attention backend, e.g. _native_cudnn, _native_flash, flash (exact)")
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the transformer blocks (approximate; torchao, GPU >= sm89)")
-    p.add_argument("--fast", action="store_true", help=f"fast mode: --compile --fp8, and for render --cache-threshold {FAST_CACHE_THRESHOLD} unless given (batch: a cache_threshold column)")
+    p.add_argument("--fast", action="store_true", help=f"fast mode: --compile --fp8, and for render --cache-method mag --cache-threshold {FAST_CACHE_THRESHOLD} unless given (batch: cache_method and cache_threshold columns)")
 
 
 def speed_from_args(args: argparse.Namespace) -> SpeedOptions:
@@ -150,8 +153,10 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     fields.update({name: getattr(args, name) for name in REQUEST_OPTIONS if getattr(args, name) is not None})
     if args.size:
         fields["width"], fields["height"] = parse_size(args.size)
-    if args.cache_threshold is not None or getattr(args, "fast", False):
+    method = getattr(args, "cache_method", None)
+    if args.cache_threshold is not None or method or getattr(args, "fast", False):
         fields["cache_threshold"] = FAST_CACHE_THRESHOLD if args.cache_threshold is None else args.cache_threshold
+        fields["cache_method"] = method or ("mag" if getattr(args, "fast", False) else fields.get("cache_method", "first_block"))
     if args.lora:
         fields["loras"] = args.lora
     if args.keyframe:

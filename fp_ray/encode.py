@@ -327,7 +327,10 @@ def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[Lor
         raise ValueError("the fingerprint of an extension needs the clip's hash (and only an extension has one)")
     if request.extend is not None and request.image is None:
         images = (None, *images[1:])  # the start frame is the clip's first: in the clip's hash, not the sample image's
-    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes", "extend"} | (set() if request.loop else {"loop"}))
+    # fields added since the first fingerprints, left out at their defaults: older renders keep theirs
+    defaults = {"loop"} if not request.loop else set()
+    defaults |= {"cache_method"} if request.cache_method == "first_block" else set()
+    text = request.model_dump_json(exclude={"image", "end_image", "loras", "keyframes", "extend"} | defaults)
     if loras:
         text += json.dumps([[f.digest, f.weight] for f in loras])
     if request.keyframes:

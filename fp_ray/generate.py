@@ -85,6 +85,7 @@ def section_steps(
     steps: int,
     guidance: float,
     cache_threshold: float | None = None,
+    cache_method: str = "first_block",
     cfg: float = 1.0,
     cfg_rescale: float = 0.0,
     loras: Sequence[LoraFile] = (),
@@ -113,7 +114,8 @@ def section_steps(
         cfg_rescale=cfg_rescale,
         negative=None if cond.negative is None else trim_text(cond.negative),
     )
-    with step_cache(components.transformer, cache_threshold), lora_scope(components.transformer, loras):
+    cache = step_cache(components.transformer, cache_threshold, cache_method, steps, plan.schedule)
+    with cache, lora_scope(components.transformer, loras):
         for step, total, latents in run:
             yield step, total, latents.cpu() if step == total else latents
 

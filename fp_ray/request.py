@@ -154,6 +154,7 @@ class RenderRequest(BaseModel):
     # Fast mode's step cache (FirstBlockCache threshold); None: exact. Part of the request,
     # and so of its fingerprint, because it changes the video.
     cache_threshold: float | None = Field(default=None, gt=0, le=1)
+    cache_method: Literal["first_block", "mag"] = "first_block"  # which step cache (speed.CACHE_METHODS)
     # Real classifier-free guidance, the official demo's cfg / n_prompt / rs (off there, as here):
     # above 1 every step runs the transformer twice, on the prompt and on the negative prompt.
     cfg: float = Field(default=1.0, ge=1.0, le=32.0, allow_inf_nan=False)
@@ -222,6 +223,8 @@ class RenderRequest(BaseModel):
             # rescale would be silently ignored, so they are refused.
             given = "negative_prompt" if self.negative_prompt else "cfg_rescale"
             raise ValueError(f"{given}: needs cfg above 1 (real guidance, two passes per step); cfg is 1, which turns it off")
+        if self.cache_method != "first_block" and self.cache_threshold is None:
+            raise ValueError(f"cache_method: {self.cache_method} needs a cache_threshold (the step cache is off without one)")
         if self.end_image is not None and self.schedule == "forward":
             raise ValueError("end_image needs the inverted or bidirectional schedule; forward has no future context")
         if self.keyframes:

@@ -12,9 +12,9 @@ different video):
   section's steps on the GPU, not only on the host.
 
 Fast mode is opt-in and changes the video a little:
-- a step cache (`step_cache`): diffusers' FirstBlockCache skips the remaining blocks of a
-  step when the first block's residual barely changed since the last computed step;
-  per request (`cache_threshold`), since it changes the output; with real guidance (cfg > 1)
+- a step cache (`step_cache`): diffusers' MagCache or FirstBlockCache (`CACHE_METHODS`) reuses
+  the blocks' last residual in steps it deems close to the last computed one; per request
+  (`cache_threshold`, `cache_method`), since it changes the output; with real guidance (cfg > 1)
   the positive and negative passes are cached apart;
 - `fp8`: torchao float8 matmuls (dynamic activation + weight scaling, per row) in the
   transformer blocks; needs torchao and a GPU with FP8 tensor cores (compute capability >= 8.9).
@@ -34,6 +34,28 @@ from .encode import TextEmbedding
 # under which a step reuses the last computed residual of the other blocks. ParaAttention's
 # published HunyuanVideo setting is 0.06 (about 1.6x at 720p); higher skips more.
 FAST_CACHE_THRESHOLD = 0.1
+
+# The step caches a request may pick (`cache_method`):
+# - "first_block": diffusers' FirstBlockCache; a step reuses the other blocks' residual when
+#   the first block's residual changed by less than the threshold (relative L1).
+# - "mag": diffusers' MagCache, FramePack-Studio's default; steps are skipped while the error
+#   accumulated from calibrated per-step magnitude ratios of the model's residual stays under
+#   the threshold, at most MAG_MAX_SKIPS in a row, never in the first MAG_RETENTION of the
+#   steps. Which steps are skipped depends on the ratios alone, not on the weights' values.
+CACHE_METHODS = ("first_block", "mag")
+MAG_MAX_SKIPS, MAG_RETENTION = 2, 0.25  # FramePack-Studio's defaults (K=2, retention ratio 0.25)
+# Magnitude ratios of the transformer's residual from one step to the next, calibrated at 640 px
+# and 25 steps (FramePack-Studio's calibration, seed 31337), for the inverted checkpoint
+# (FramePackI2V_HY: the inverted and bidirectional schedules) and F1 (the forward schedule).
+# diffusers stretches them to other step counts (nearest step).
+MAG_RATIOS = {
+    "inverted": (1.0, 1.30469, 1.22656, 1.05469, 1.02344, 1.03906, 1.02344, 1.03906, 1.05469, 1.02344, 1.03906,
+                 0.99609, 1.02344, 1.03125, 1.01562, 1.02344, 1.00781, 1.03906, 0.98828, 1.0, 1.0, 0.98828,
+                 0.94531, 0.93359, 0.78516),
+    "forward": (1.0, 1.27344, 1.07031, 1.03906, 1.00781, 1.00781, 1.00781, 1.03125, 1.04688, 1.00781, 1.03125,
+                0.99219, 1.01562, 1.01562, 1.01562, 1.00781, 0.98438, 1.05469, 0.98438, 0.96875, 1.03125,
+                0.97266, 0.92578, 0.95703, 0.77734),
+}
 
 
 class SpeedOptionError(ValueError):
@@ -157,18 +179,31 @@ def trim_text(text: TextEmbedding) -> TextEmbedding:
     return TextEmbedding(embeds=text.embeds[:, :n], mask=text.mask[:, :n], pooled=text.pooled)
 
 
+def cache_config(method: str, threshold: float, steps: int, schedule: str):
+    """diffusers' config of the step cache `method` (CACHE_METHODS) for a section of `steps`
+    transformer calls (one per sampler step) on the checkpoint of `schedule`."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+
+    if method == "first_block":
+        return FirstBlockCacheConfig(threshold=threshold)
+    if method == "mag":
+        ratios = torch.tensor(MAG_RATIOS["forward" if schedule == "forward" else "inverted"])
+        return MagCacheConfig(threshold=threshold, max_skip_steps=MAG_MAX_SKIPS, retention_ratio=MAG_RETENTION,
+                              num_inference_steps=steps, mag_ratios=ratios)
+    raise SpeedOptionError(f"unknown step cache {method!r}; expected one of {', '.join(CACHE_METHODS)}")
+
+
 @contextmanager
-def step_cache(transformer, threshold: float | None) -> Iterator[None]:
-    """FirstBlockCache over one section's steps (no-op for None): enabled fresh per section so
-    no residual leaks from one section (or request) into the next. Each transformer pass
-    names its cache context (`sampling.velocity`: positive, and negative under real guidance),
-    so the two passes of a guided step keep separate cache states."""
+def step_cache(transformer, threshold: float | None, method: str = "first_block", steps: int = 25,
+               schedule: str = "inverted") -> Iterator[None]:
+    """The step cache over one section's steps (no-op for None; see `cache_config`): enabled
+    fresh per section so no residual leaks from one section (or request) into the next. Each
+    transformer pass names its cache context (`sampling.velocity`: positive, and negative under
+    real guidance), so the two passes of a guided step keep separate cache states."""
     if threshold is None:
         yield
         return
-    from diffusers import FirstBlockCacheConfig
-
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    transformer.enable_cache(cache_config(method, threshold, steps, schedule))
     try:
         yield
     finally:

@@ -196,7 +196,7 @@ class GeneratorWorker:
         noise = noise_stream(ctx.plan, ctx.cond, r.seed).draw_at(ctx.noise_states[section.order])
         steps = section_steps(
             self.components, ctx.plan, section, ctx.cond, job.context, noise,
-            sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold,
+            sampler=r.sampler, steps=r.steps, guidance=r.guidance, cache_threshold=r.cache_threshold, cache_method=r.cache_method,
             cfg=r.cfg, cfg_rescale=r.cfg_rescale, loras=ctx.loras,
         )
         try:

@@ -343,7 +343,7 @@ def make_api() -> FastAPI:
         to extend: forward continues it, and then `image` may be left out; inverted leads into it),
         and the request fields
         (prompt, seconds, schedule, sampler, steps, guidance, seed, size, resolution, window,
-        fps, crf, cache_threshold, cfg, negative_prompt, cfg_rescale, loras: "name:weight, ..." of the
+        fps, crf, cache_threshold, cache_method, cfg, negative_prompt, cfg_rescale, loras: "name:weight, ..." of the
         names GET /v1/loras lists). JSON: the same fields with `image_url` (http/https; also
         `end_image_url`, `extend_url`); loras also as
         [{name, weight}]."""

@@ -299,7 +299,7 @@ def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools
         assert record["images"]["image"]["sha256"] == hashlib.sha256(SAMPLE_IMAGE.read_bytes()).hexdigest()
         expected = {"prompt": "a lake at dawn", "seconds": 1.2, "steps": 2, "seed": 9, "guidance": 8.0, "size": "64x48",
                     "schedule": "inverted", "sampler": "unipc", "window": 9, "fps": 30, "crf": 16, "width": 64, "height": 48,
-                    "cfg": 1.0, "negative_prompt": "", "cfg_rescale": 0.0, "loop": False}
+                    "cfg": 1.0, "negative_prompt": "", "cfg_rescale": 0.0, "loop": False, "cache_method": "first_block"}
         for body in ({"content": video}, {"files": {"video": ("v.mp4", video, "video/mp4")}}, {"content": sidecar.read_bytes()}):
             settings = client.post("/v1/settings", **body)
             assert settings.status_code == 200, settings.text

@@ -14,7 +14,7 @@ from fp_ray.cli import main
 from fp_ray.encode import encode_request
 from fp_ray.generate import noise_stream, section_steps
 from fp_ray.models import Components
-from fp_ray.request import make_request
+from fp_ray.request import RequestError, make_request
 from fp_ray.speed import SpeedOptionError, SpeedOptions, apply_speed, trim_text
 
 W, H, STEPS = 64, 48, 3
@@ -94,6 +94,63 @@ def test_step_cache_skips_steps_and_changes_latents_only_when_asked(components, 
     assert not c.transformer.is_cache_enabled  # hooks are off again after the section
     runs.clear()
     assert torch.equal(section_latents(c, encoded), exact) and len(runs) == STEPS  # no residual leaks into the next section
+
+
+def test_mag_cache_skips_the_calibrated_steps_whatever_the_weights(components):
+    """MagCache (FramePack-Studio's default) decides from its calibrated ratios alone: at
+    threshold 0.1 a 25-step UniPC section of the tiny checkpoint computes 13 of 25 steps in full,
+    the same 13 as for any weights, and comes out close to exact; the first block's residual
+    plays no part. Each section starts the count afresh."""
+    request = make_request(prompt="a red house", width=W, height=H, steps=25, seconds=1.2, sampler="unipc",
+                           cache_threshold=0.1, cache_method="mag")
+    enc = encode_request(components, request)
+    c, plan, cond = fresh(components), enc.plan, enc.cond
+    section = plan.sections[0]
+    run = lambda threshold, method: list(section_steps(
+        c, plan, section, cond, {}, noise_stream(plan, cond, 7).draw(section.order), sampler="unipc", steps=25,
+        guidance=10.0, cache_threshold=threshold, cache_method=method))[-1][2]
+    runs = full_block_runs(c)
+    exact = run(None, "first_block")
+    assert len(runs) == 25  # one transformer call per UniPC step: the ratios are indexed by call
+    runs.clear()
+    cached = run(0.1, "mag")
+    assert len(runs) == 13 and not c.transformer.is_cache_enabled
+    assert torch.isfinite(cached).all() and 0 < (cached - exact).norm() / exact.norm() < 0.05
+    with torch.no_grad():  # other weights, the same steps skipped
+        for p in c.transformer.parameters():
+            p.mul_(1.5)
+    runs.clear()
+    run(0.1, "mag")
+    assert len(runs) == 13
+    runs.clear()
+    run(0.01, "mag")  # a lower threshold skips fewer
+    assert 13 < len(runs) < 25
+
+
+def test_cache_method_is_checked_and_left_out_of_old_fingerprints(encoded, monkeypatch):
+    import fp_ray.encode
+
+    images = (SAMPLE_IMAGE.read_bytes(), None)
+    first = encoded.request.model_copy(update={"cache_threshold": 0.1})
+    mag = encoded.request.model_copy(update={"cache_threshold": 0.1, "cache_method": "mag"})
+    hashed = []
+    monkeypatch.setattr(fp_ray.encode, "fingerprint", lambda text, *a, f=fp_ray.encode.fingerprint: hashed.append(text) or f(text, *a))
+    assert fp_ray.encode.request_fingerprint(first, images) != fp_ray.encode.request_fingerprint(mag, images)
+    # at its default the field is not hashed: a request fingerprints as before the field existed
+    assert '"cache_method"' not in hashed[0] and '"cache_method":"mag"' in hashed[1]
+    with pytest.raises(RequestError, match="cache_method: mag needs a cache_threshold"):
+        make_request(prompt="x", cache_method="mag")
+    with pytest.raises(RequestError, match="cache_method"):
+        make_request(prompt="x", cache_threshold=0.1, cache_method="tea")
+
+
+def test_cli_cache_method_goes_into_the_request(tmp_path):
+    from fp_ray.metadata import read_metadata
+
+    out = tmp_path / "v.mp4"
+    assert main(["render", "--out", str(out), "--size", "64x48", "--steps", "3", "--seconds", "1.2", "--cache-method", "mag"]) == 0
+    request = read_metadata(out)["request"]
+    assert (request["cache_method"], request["cache_threshold"]) == ("mag", 0.1)
 
 
 def test_compiled_blocks_keep_the_latents_and_take_the_cache(components, encoded, monkeypatch):
