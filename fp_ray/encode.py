@@ -217,25 +217,25 @@ def encode(
     end: Image.Image | None = None,
     negative_prompt: str | None = None,
     keyframes: tuple[Image.Image, ...] = (),
-    end_latent: bool = True,
+    with_end_latent: bool = True,
 ) -> Conditioning:
     """Encode a request's prompts and images. Latent samples use the request's noise stream
     (start image, end image, keyframes), so section noise that follows stays reproducible.
     `negative_prompt`: encoded once for every section when real guidance is on (None: off).
-    `end_latent`: False when only the end image's SigLIP embedding is used (an extension led
+    `with_end_latent`: False when only the end image's SigLIP embedding is used (an extension led
     into: the clip's own latents are the future)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     start_pixels = image_tensor(start, width, height)
     start_embeds = image_embeds = encode_siglip(c, start_pixels)
     start_latent = encode_latent(c, start_pixels, generator)
-    end_embeds, want_end_latent, end_latent = None, end_latent, None
+    end_latent = end_embeds = None
     if end is not None:
         end_pixels = image_tensor(end, width, height)
         # The end image's SigLIP embedding reaches every section, averaged with the start's
         # (FramePack PR 167); the reference pipeline computes this average and drops it.
         end_embeds = encode_siglip(c, end_pixels)
         image_embeds = (image_embeds + end_embeds) / 2
-        end_latent = encode_latent(c, end_pixels, generator) if want_end_latent else None
+        end_latent = encode_latent(c, end_pixels, generator) if with_end_latent else None
     key_pixels = [image_tensor(k, width, height) for k in keyframes]
     key_latents = tuple(encode_latent(c, px, generator) for px in key_pixels)
     key_embeds = tuple(encode_siglip(c, px) for px in key_pixels)
@@ -362,7 +362,7 @@ def encode_request(c: Components, request: RenderRequest, images: Images | None 
     # never read: cfg 1 makes no negative pass).
     negative = request.negative_prompt if request.cfg > 1 else None
     cond = encode(c, [s.prompt for s in plan.sections], start, width, height, request.seed, end, negative, keys,
-                  end_latent=clip is None)
+                  with_end_latent=clip is None)
     if request.loop:  # the end is the start latent itself, not a second posterior sample
         cond = replace(cond, end_latent=cond.start_latent, end_is_start=True, end_embeds=cond.start_embeds)
     if clip is not None:  # no end latent: the clip's latents (frame 0 first) are the future instead

@@ -15,8 +15,8 @@ import torch
 from .decode import next_chunk, previous_chunk
 from .extend import ClipJoin, new_segment_frames
 from .metadata import TAG, sidecar_location
-from .storage import SectionStore, delete, is_uri, temporary_folder, upload, write_bytes
-from .video import FRAGMENTED, SegmentJoiner, atomic_file, frame_count, join_segments, write_joined
+from .storage import SectionStore, atomic_file, delete, is_uri, temporary_folder, upload, write_bytes
+from .video import FRAGMENTED, SegmentJoiner, frame_count, write_joined
 from .workers import RenderContext, SegmentAction, SegmentJob, Shared
 
 if TYPE_CHECKING:
@@ -215,7 +215,8 @@ class Segments:
                 self._write_local(parts, Path(out))
                 return str(out)
             with temporary_folder("out") as tmp:
-                local = join_segments(parts, tmp / "video.mp4", fps, self._tags())
+                local = tmp / "video.mp4"  # a folder of this render's own: no rename needed
+                write_joined(parts, str(local), fps, self._tags())
                 self.frames_written = frame_count(local)
                 # an older record goes first: a failed upload never leaves a video beside another render's record
                 delete(sidecar_location(out))

@@ -27,7 +27,6 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
-import uuid
 from typing import Iterator
 from pathlib import Path
 
@@ -126,26 +125,41 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write atomically: readers see the old object or the whole new one, never a part."""
     if not is_uri(location):
         # not resolved: a symlink at `location` is replaced, never written through (it could
-        # point anywhere, e.g. into another render's store or at a system file)
-        path = Path(os.path.abspath(location))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{writer_tag()}.{uuid.uuid4().hex}.tmp"  # SectionStore.remove_orphans
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            hold(fd)
-            with open(fd, "wb", closefd=False) as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
+        # point anywhere, e.g. into another render's store or at a system file); the temporary
+        # file's name is the one SectionStore.remove_orphans looks for
+        with atomic_file(os.path.abspath(location), prefix=".") as tmp:
+            Path(tmp).write_bytes(data)
         return
     fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:  # object stores publish an object only when its upload completes
         f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, prefix: str | None = None) -> Iterator[str]:
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds. Its name
+    (`{prefix}{writer_tag()}.*.tmp`) says which process writes it, and it is held (`hold`)
+    until renamed. With the default prefix (`.{name}.`), those of `path` whose process is gone
+    (killed mid-write, so nothing removed them; a long video's are gigabytes) are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if prefix is None:
+        prefix = f".{path.name}."
+        remove_orphans(path.parent, prefix, ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{writer_tag()}.", suffix=".tmp", dir=path.parent)
+    try:
+        hold(fd)  # until renamed: another container's render with this hostname leaves it
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an entry or a video is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def writer_tag() -> str:

@@ -4,19 +4,16 @@ whole or not at all."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import av
 import numpy as np
 
-from .storage import hold, remove_orphans, writer_tag
+from .storage import atomic_file
 
 # A fixed thread count keeps x264's output byte-identical on machines with any core count.
 X264_THREADS = 4
@@ -24,29 +21,6 @@ FASTSTART = {"movflags": "+faststart", "fflags": "+bitexact"}  # moov first: pla
 # flush_packets: each fragment reaches the file as it closes (at the next segment's keyframe), not when
 # the stream ends: readers of a growing file, and whatever is left after a kill, see the finished start
 FRAGMENTED = {"movflags": "+frag_keyframe+empty_moov+default_base_moof", "fflags": "+bitexact", "flush_packets": "1"}
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[str]:
-    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds. Its name
-    says which process writes it: those of `path` whose process is gone (killed mid-write,
-    so nothing removed them; a long video's are gigabytes) are removed first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path.parent, f".{path.name}.", ".tmp")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    try:
-        hold(fd)  # until renamed: another container's render with this hostname leaves it
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a video is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
 
 
 def encode_frames(frames: Iterable[np.ndarray], target, fps: int, crf: int) -> int:
