@@ -296,7 +296,7 @@ async def run_render(
             raise
         t_decoded = time.perf_counter()
         emit({"type": "writing", "segments": ctx.plan.num_sections})
-        path = await asyncio.to_thread(segments.write, out)
+        path = await segments.write_in_thread(out)
         # from the store, where every section is saved: in memory a section may be a reference
         # to a Ray object (actors pass latents to each other by reference)
         latents = full_latents(ctx.plan, ctx.cond, done.from_store()) if keep_latents else None

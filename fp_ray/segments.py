@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -31,6 +32,10 @@ DECODES_IN_FLIGHT = 16
 class SegmentsMissing(RuntimeError):
     """The decode tasks ended without making every segment, or a made one is gone or corrupt
     (a bug, or a store that lost files: a rerun makes them again)."""
+
+
+class WriteStopped(RuntimeError):
+    """The render was stopped while its mp4 was being joined: nothing was put in place."""
 
 
 class Segments:
@@ -62,6 +67,7 @@ class Segments:
         self._progressive: SegmentJoiner | None = None
         self.frames_written: int | None = None  # the mp4's frames, once written (an extension's clip too)
         self._clip = ClipJoin(ctx.request, ctx.clip_sha256)  # an extended clip's own frames, prepared once
+        self._stop_writing = threading.Event()
 
     def _has(self, k: int, kind: str) -> bool:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
@@ -199,7 +205,23 @@ class Segments:
     def segments(self) -> Iterator[bytes]:
         """The segments' bytes in time order, one at a time."""
         for k in range(self.n):
+            self._check_stop()
             yield self._segment(k)
+
+    def _check_stop(self) -> None:
+        if self._stop_writing.is_set():
+            raise WriteStopped(f"render {self.ctx.request_id}: stopped while its video was joined")
+
+    async def write_in_thread(self, out: str | Path) -> str:
+        """`write` in a worker thread that stops with the render: a cancelled await (a stop
+        signal, Ctrl-C, a cancelled request) would otherwise leave the thread joining on and
+        putting a whole video in place after the render reported itself stopped. Stopped, the
+        thread ends at the next segment, its temporary files removed, an older video kept."""
+        try:
+            return await asyncio.to_thread(self.write, out)
+        except BaseException:
+            self._stop_writing.set()
+            raise
 
     def _tags(self) -> dict[str, str]:
         return {TAG: self.ctx.metadata} if self.ctx.metadata else {}
@@ -218,6 +240,7 @@ class Segments:
                 local = tmp / "video.mp4"  # a folder of this render's own: no rename needed
                 write_joined(parts, str(local), fps, self._tags())
                 self.frames_written = frame_count(local)
+                self._check_stop()
                 # an older record goes first: a failed upload never leaves a video beside another render's record
                 delete(sidecar_location(out))
                 upload(local, str(out))
@@ -239,6 +262,7 @@ class Segments:
                 Path(record).write_text(self.ctx.metadata)
             write_joined(parts, video, self.ctx.request.fps, self._tags())
             self.frames_written = frame_count(video)
+            self._check_stop()  # the last moment before the renames
             sidecar.unlink(missing_ok=True)
 
 
@@ -256,7 +280,7 @@ async def finish_video(ctx: RenderContext, shared: Shared, pools: "Pools", done:
         segments.cancel()
         raise
     t_write = time.perf_counter()
-    where = await asyncio.to_thread(segments.write, out)
+    where = await segments.write_in_thread(out)
     return where, {"decode": t_write - t, "write": time.perf_counter() - t_write}, segments.frames_written
 
 

@@ -265,6 +265,42 @@ def test_a_stop_or_full_disk_mid_render_is_one_line_and_the_rerun_resumes(tmp_pa
     assert out.read_bytes() == (tmp_path / "clean.mp4").read_bytes()
 
 
+def test_a_stop_while_the_video_is_joined_puts_no_video_in_place(tmp_path, capsys, monkeypatch):
+    """SIGTERM once the mp4's join has begun: the command says stopped, and no video appears
+    after it (the join thread stops at its next segment, where it used to join on and put a
+    whole video in place); an older video stays, and the rerun reuses every segment."""
+    import os
+    import signal
+
+    from fp_ray.segments import Segments
+
+    out, store = tmp_path / "out.mp4", tmp_path / "store"
+    args = ["render", *FAST, "--window", "2", "--seconds", "1.6", "--id", "r", "--store", str(store), "--out", str(out)]
+    out.write_bytes(b"an older video")
+    original, signalled = Segments._check_stop, []
+
+    def stop_once_joining(self):
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # the main thread runs the event loop
+            assert self._stop_writing.wait(30), "the stop never reached the join"
+        original(self)
+
+    monkeypatch.setattr(Segments, "_check_stop", stop_once_joining)
+    capsys.readouterr()
+    assert main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "stopped by SIGTERM" in err[-1] and "Traceback" not in "".join(err), err[-5:]
+    assert signalled and out.read_bytes() == b"an older video"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    segments = sorted(store.rglob("segment_*"))
+    before = {p: p.stat().st_mtime_ns for p in segments}
+    monkeypatch.setattr(Segments, "_check_stop", original)
+    assert main(args) == 0
+    assert segments and all(p.stat().st_mtime_ns == t for p, t in before.items())  # joined, not made again
+    assert out.read_bytes()[4:8] == b"ftyp"
+
+
 def test_a_video_is_never_left_beside_another_renders_sidecar(tmp_path, monkeypatch):
     """The sidecar's rename fails (a full disk, a kill) after the new video is in place: the old
     record goes, it does not stay beside the new video."""

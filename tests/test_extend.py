@@ -11,7 +11,7 @@ import torch
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
 from fp_ray.cli import main
 from fp_ray.encode import encode_request
-from fp_ray.extend import ClipError, context_frames, encode_clip
+from fp_ray.extend import ClipError, context_frames
 from fp_ray.generate import gather_context
 from fp_ray.metadata import read_metadata
 from fp_ray.packing import HISTORY_FRAMES

@@ -17,7 +17,7 @@ from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
 from fp_ray.cli import main
 from fp_ray.encode import encode_request, request_fingerprint
 from fp_ray.generate import noise_stream, section_steps
-from fp_ray.lora import LoadedAdapters, LoraError, LoraRegistry, adapters_of, lora_scope
+from fp_ray.lora import LoadedAdapters, LoraError, LoraRegistry, adapters_of
 from fp_ray.models import Components
 from fp_ray.request import LoraChoice, RequestError, make_request
 from fp_ray.speed import SpeedOptions, apply_speed

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FirstBlockCacheConfig, FlowMatchEulerDiscreteScheduler
 
-from fp_ray.encode import encode_prompt, encode_request
+from fp_ray.encode import encode_request
 from fp_ray.generate import gather_context, noise_stream, section_steps
 from fp_ray.request import make_request
 from fp_ray.sampling import section_mu, transformer_inputs
