@@ -21,6 +21,7 @@ from . import TINY_CHECKPOINT, __version__
 from .coordinator import RenderFailed
 from .segments import SegmentsMissing
 from .encode import ImageError, decode_request_images, load_image, read_request_images
+from .extend import downloads_held
 from .devices import MEMORY_MODES, MemoryModeError
 from .lora import LoraRegistry
 from .metadata import MetadataError, model_identity, read_metadata, recorded_image, recorded_keyframes
@@ -226,6 +227,7 @@ def load_spec(args: argparse.Namespace, model: str) -> ModelSpec:
     return ModelSpec(model, args.base, args.image_encoder, args.device, DTYPES.get(args.dtype), args.memory, args.force_schedule)
 
 
+@downloads_held()  # a URL clip: the request's check, the encoder and the output read one download
 def cmd_render(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 

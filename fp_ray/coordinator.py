@@ -21,7 +21,7 @@ from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol
 import torch
 
 from .decode import full_latents
-from .extend import new_segment_frames
+from .extend import downloads_held, new_segment_frames
 from .encode import Encoded, Images
 from .generate import noise_stream
 from .metadata import dumps, render_metadata
@@ -275,40 +275,41 @@ async def run_render(
     (with eta_s), section_finished, section_retry, section_decoded (a segment is made),
     prefix, writing, finished.
     """
-    emit = on_event or (lambda event: None)
-    t0 = time.perf_counter()
-    encoded = await pools.encode(request, images)
-    t_encoded = time.perf_counter()
-    rid = request_id or encoded.fingerprint[:16]
-    with render_store(store) as where:
-        ctx = await asyncio.to_thread(render_context, encoded, rid, where, sources)
-        shared = await pools.share(ctx)
-        segments = await asyncio.to_thread(Segments, ctx, shared, pools, emit, preview_dir, progressive)  # reads the store
-        try:
-            segments.start()
-            done, reused, generate_s = await generate_sections(
-                ctx, shared, pools, emit=emit, on_done=segments.latents_ready, still_needed=segments.will_read, attempts=attempts
-            )
-            t_generated = time.perf_counter()
-            await segments.wait()
-        except BaseException:
-            segments.cancel()
-            raise
-        t_decoded = time.perf_counter()
-        emit({"type": "writing", "segments": ctx.plan.num_sections})
-        path = await segments.write_in_thread(out)
-        # from the store, where every section is saved: in memory a section may be a reference
-        # to a Ray object (actors pass latents to each other by reference)
-        latents = full_latents(ctx.plan, ctx.cond, done.from_store()) if keep_latents else None
-    t_end = time.perf_counter()
-    # phases that add up to the wall time; decode also ran during generation (decode_overlap)
-    timings = {"encode": t_encoded - t0, "generate": t_generated - t_encoded, "decode": t_decoded - t_generated,
-               "write": t_end - t_decoded, "total": t_end - t0, "generate_busy": generate_s,
-               "decode_overlap": max(0.0, t_generated - (segments.first_decode or t_generated))}
-    frames = segments.frames_written  # an extension's clip included
-    emit({"type": "finished", "request_id": rid, "path": path, "frames": frames, "timings": timings})
-    return RenderResult(
-        path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=latents,
-        frames=frames, new_frames=sum(segments.frames), request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
-        generated=sorted(set(done) - set(reused)), reused=reused, segments_reused=segments.reused, timings=timings,
-    )
+    with downloads_held():  # a clip at a URL: downloaded once, for the encoder and the output alike
+        emit = on_event or (lambda event: None)
+        t0 = time.perf_counter()
+        encoded = await pools.encode(request, images)
+        t_encoded = time.perf_counter()
+        rid = request_id or encoded.fingerprint[:16]
+        with render_store(store) as where:
+            ctx = await asyncio.to_thread(render_context, encoded, rid, where, sources)
+            shared = await pools.share(ctx)
+            segments = await asyncio.to_thread(Segments, ctx, shared, pools, emit, preview_dir, progressive)  # reads the store
+            try:
+                segments.start()
+                done, reused, generate_s = await generate_sections(
+                    ctx, shared, pools, emit=emit, on_done=segments.latents_ready, still_needed=segments.will_read, attempts=attempts
+                )
+                t_generated = time.perf_counter()
+                await segments.wait()
+            except BaseException:
+                segments.cancel()
+                raise
+            t_decoded = time.perf_counter()
+            emit({"type": "writing", "segments": ctx.plan.num_sections})
+            path = await segments.write_in_thread(out)
+            # from the store, where every section is saved: in memory a section may be a reference
+            # to a Ray object (actors pass latents to each other by reference)
+            latents = full_latents(ctx.plan, ctx.cond, done.from_store()) if keep_latents else None
+        t_end = time.perf_counter()
+        # phases that add up to the wall time; decode also ran during generation (decode_overlap)
+        timings = {"encode": t_encoded - t0, "generate": t_generated - t_encoded, "decode": t_decoded - t_generated,
+                   "write": t_end - t_decoded, "total": t_end - t0, "generate_busy": generate_s,
+                   "decode_overlap": max(0.0, t_generated - (segments.first_decode or t_generated))}
+        frames = segments.frames_written  # an extension's clip included
+        emit({"type": "finished", "request_id": rid, "path": path, "frames": frames, "timings": timings})
+        return RenderResult(
+            path=Path(path) if not is_uri(path) else None, plan=ctx.plan, latents=latents,
+            frames=frames, new_frames=sum(segments.frames), request_id=rid, fingerprint=ctx.fingerprint, store=ctx.store,
+            generated=sorted(set(done) - set(reused)), reused=reused, segments_reused=segments.reused, timings=timings,
+        )

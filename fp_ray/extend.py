@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
+import os
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
@@ -82,9 +84,8 @@ def forward(request: RenderRequest) -> bool:
 @contextlib.contextmanager
 def local_clip(location: str) -> Iterator[Path]:
     """The clip as a local file: a path as it is; a URL or pyarrow.fs URI streamed into a
-    temporary file (never whole in memory), removed after."""
-    from .storage import open_remote
-
+    temporary file (never whole in memory), removed after, or, inside `downloads_held`, kept
+    there for the next read of the same location."""
     what = f"extend: {excerpt(location, 200)}"
     if not is_uri(location):
         path = Path(location).expanduser()
@@ -94,21 +95,62 @@ def local_clip(location: str) -> Iterator[Path]:
             raise ClipError(f"{what}: file not found")
         yield path
         return
-    with temporary_folder("clip") as tmp:
-        path = tmp / "clip"
+    held = _held.get()
+    if held is None:
+        with temporary_folder("clip") as tmp:
+            yield _download(location, tmp / "clip", what)
+        return
+    if location not in held.paths:
+        with contextlib.ExitStack() as folder:
+            path = _download(location, folder.enter_context(temporary_folder("clip")) / "clip", what)
+            held.paths[location] = path
+            held.folders.push(folder.pop_all())  # removed when the scope ends
+    yield held.paths[location]
+
+
+@dataclass
+class _Downloads:
+    paths: dict[str, Path]
+    folders: contextlib.ExitStack
+
+
+_held: contextvars.ContextVar[_Downloads | None] = contextvars.ContextVar("held_clip_downloads", default=None)
+
+
+@contextlib.contextmanager
+def downloads_held() -> Iterator[None]:
+    """Within it, a clip at a URL or URI is downloaded once, at its first read: a command's
+    check of the request, its encoder and its output (one process) read that copy, where each
+    downloaded the clip again (three downloads of what may be a gigabyte), and the output
+    joins the very bytes that were encoded. Worker threads started with asyncio.to_thread
+    see the scope (they copy the context). Nested, the outer scope holds them."""
+    if _held.get() is not None:
+        yield
+        return
+    with contextlib.ExitStack() as folders:
+        token = _held.set(_Downloads({}, folders))
         try:
-            with open_remote(location) as src, path.open("wb") as dst:
-                copied = 0
-                while block := src.read(CHUNK):
-                    copied += len(block)
-                    if copied > MAX_CLIP_BYTES:
-                        raise ClipError(f"{what}: is over {MAX_CLIP_BYTES // 2**30} GB")
-                    dst.write(block)
-        except FileNotFoundError:
-            raise ClipError(f"{what}: file not found") from None
-        except (OSError, ValueError) as e:  # StorageError (an HTTP error, an unreachable host) is an OSError
-            raise ClipError(f"{what}: cannot read it: {e}") from None
-        yield path
+            yield
+        finally:
+            _held.reset(token)
+
+
+def _download(location: str, path: Path, what: str) -> Path:
+    from .storage import open_remote
+
+    try:
+        with open_remote(location) as src, path.open("wb") as dst:
+            copied = 0
+            while block := src.read(CHUNK):
+                copied += len(block)
+                if copied > MAX_CLIP_BYTES:
+                    raise ClipError(f"{what}: is over {MAX_CLIP_BYTES // 2**30} GB")
+                dst.write(block)
+    except FileNotFoundError:
+        raise ClipError(f"{what}: file not found") from None
+    except (OSError, ValueError) as e:  # StorageError (an HTTP error, an unreachable host) is an OSError
+        raise ClipError(f"{what}: cannot read it: {e}") from None
+    return path
 
 
 def _av_errors() -> tuple[type[BaseException], ...]:
@@ -327,6 +369,16 @@ def _stream_matches(path: Path, segment: bytes, fps: int) -> bool:
     return (info.codec, info.width, info.height, info.extradata or b"") == ours and info.exact_rate == fps
 
 
+def _keep(download: Path, target: Path) -> None:
+    """The downloaded clip at `target` too, without a copy where the file system allows: a
+    link outlives the download's own folder (removed as the read ends, or with its
+    `downloads_held` scope)."""
+    try:
+        os.link(download, target)
+    except OSError:
+        shutil.copyfile(download, target)
+
+
 def clip_frames(path: Path) -> Iterator[np.ndarray]:
     import av
 
@@ -381,7 +433,7 @@ class ClipJoin:
                 except _av_errors():
                     raise ClipError(f"{what}: is corrupt (a frame does not decode)") from None
             elif is_uri(self.request.extend):
-                shutil.move(path, target)  # a download: kept for the parts still to come
+                _keep(path, target)  # a download: kept for the parts still to come
             else:
                 target = path  # a local file: joined where it is
         self._path = str(target)

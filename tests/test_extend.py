@@ -349,3 +349,38 @@ def test_a_clip_that_changes_while_it_renders_fails_the_render(components, clip,
         render(make_request(**NEW, schedule="forward", extend=str(mine)), tmp_path / "out.mp4", components=components,
                on_event=replace_clip)
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_url_clip_is_downloaded_once_per_render(clip, tmp_path, capsys):
+    """The command's check of the request, the encoder and the output read one download of a
+    clip at a URL (each fetched it again), and the video is the local clip's render."""
+    import http.server
+    import threading
+
+    gets = []
+
+    class Clip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            gets.append(self.path)
+            data = clip.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Clip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    args = ["render", "--schedule", "forward", "--steps", "2", "--window", "2", "--seconds", "0.8", "--sampler", "euler"]
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/clip.mp4"
+        assert main([*args, "--extend", url, "--out", str(tmp_path / "url.mp4")]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert gets == ["/clip.mp4"]
+    assert main([*args, "--extend", str(clip), "--out", str(tmp_path / "path.mp4")]) == 0
+    assert np.array_equal(read_frames(tmp_path / "url.mp4"), read_frames(tmp_path / "path.mp4"))
+    capsys.readouterr()
