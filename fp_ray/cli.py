@@ -278,18 +278,16 @@ def cmd_render(args: argparse.Namespace) -> None:
 
     try:
         if args.ray:
-            import asyncio
-
             from .actors import RayPools
-            from .coordinator import run_render
+            from .coordinator import run_in_new_loop, run_render
 
             config = pool_config(args)  # bad options fail here, before Ray starts
             connect(args.address)
             pools = RayPools(spec.model, config)
             pools.wait_ready(notify=lambda line: print(line, file=sys.stderr))
             startup = time.perf_counter() - STARTED
-            result = asyncio.run(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
-                                            preview_dir=args.previews, progressive=args.progressive))
+            result = run_in_new_loop(run_render(request, pools, out=out, store=store, request_id=args.id, on_event=on_event,
+                                                preview_dir=args.previews, progressive=args.progressive))
         else:
             components = spec.load()
             apply_speed(components.transformer, speed_from_args(args), components.device)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Protocol, TypeVar
 
 import torch
 
@@ -246,6 +249,32 @@ def render_store(store: SectionStore | None) -> Iterator[SectionStore]:
         return
     with temporary_folder("store") as tmp:
         yield SectionStore(str(tmp))
+
+
+T = TypeVar("T")
+
+
+def run_in_new_loop(main: Awaitable[T]) -> T:
+    """`asyncio.run(main)`, with the loop woken by every signal the process gets. A signal's
+    Python handler (Ctrl-C's, the command's SIGTERM) runs in the main thread, but the kernel
+    may deliver the signal to any thread: a loop asleep until a worker thread's result (the
+    final join, a long section) would run the handler only once that thread ended, a stop
+    that came minutes late. The signal's wakeup byte lands on a socket the loop reads."""
+    with asyncio.Runner() as runner:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets handlers
+            return runner.run(main)
+        loop = runner.get_loop()
+        receive, send = socket.socketpair()
+        with receive, send:
+            receive.setblocking(False)
+            send.setblocking(False)
+            loop.add_reader(receive.fileno(), lambda: receive.recv(4096))  # drained; the handler does the work
+            previous = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+            try:
+                return runner.run(main)
+            finally:
+                signal.set_wakeup_fd(previous)
+                loop.remove_reader(receive.fileno())
 
 
 async def run_render(

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import AsyncIterator
 
-from .coordinator import OnEvent, RenderResult, run_render
+from .coordinator import OnEvent, RenderResult, run_in_new_loop, run_render
 from .encode import Encoded
 from .models import Components, cached_components
 from .request import RenderRequest
@@ -76,7 +76,7 @@ def render(
 ) -> RenderResult:
     """Render `request` to the mp4 at `out` in this process (`run_render`'s arguments)."""
     pools = LocalPools.from_components(components or cached_components(request.model))
-    return asyncio.run(
+    return run_in_new_loop(
         run_render(request, pools, out=out, store=store, request_id=request_id, on_event=on_event,
                    preview_dir=preview_dir, progressive=progressive, keep_latents=keep_latents)
     )
