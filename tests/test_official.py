@@ -340,30 +340,33 @@ def sample_pixels() -> np.ndarray:
     return np.asarray(load_image(SAMPLE_IMAGE))
 
 
-def aligned_inputs(c, image: np.ndarray, seed: int) -> tuple[DemoInputs, torch.Generator]:
+def aligned_inputs(c, image: np.ndarray, seed: int, width: int = W, height: int = H) -> tuple[DemoInputs, torch.Generator]:
     """The demo's inputs with the diffusers side of the two conditioning disagreements: the start
     latent's posterior sample is the first draw of the seed's generator, which then goes on to
     the sections; SigLIP reads the [0, 1] floats."""
     rnd = torch.Generator("cpu").manual_seed(seed)
-    inputs = demo_inputs(c, image, PROMPT, W, H, posterior=rnd)
+    inputs = demo_inputs(c, image, PROMPT, width, height, posterior=rnd)
     return replace(inputs, image_embeds=diffusers_siglip(c, inputs.pixels_uint8).to(c.transformer.dtype)), rnd
 
 
-def ours(components, tmp_path, schedule: str, seconds: float):
-    request = make_request(prompt=PROMPT, schedule=schedule, sampler="unipc", steps=STEPS, seed=SEED, width=W, height=H,
+def ours(components, tmp_path, schedule: str, seconds: float, width: int, height: int):
+    request = make_request(prompt=PROMPT, schedule=schedule, sampler="unipc", steps=STEPS, seed=SEED, width=width, height=height,
                            seconds=seconds, guidance=GS, window=WINDOW, fps=FPS)
     return request, render(request, tmp_path / "v.mp4", components=components, keep_latents=True)
 
 
-@pytest.mark.parametrize("schedule,sections", [("inverted", 1), ("inverted", 2), ("inverted", 5), ("forward", 1), ("forward", 3)])
-def test_whole_video_matches_the_demo(components, video_frames, sample_pixels, tmp_path, schedule, sections):
+@pytest.mark.parametrize("schedule,sections,width,height", [
+    ("inverted", 1, W, H), ("inverted", 2, W, H), ("inverted", 5, W, H), ("forward", 1, W, H), ("forward", 3, W, H),
+    ("inverted", 1, 96, 80),  # a crop box on a half pixel (test_crop_matches_the_demo)
+])
+def test_whole_video_matches_the_demo(components, video_frames, sample_pixels, tmp_path, schedule, sections, width, height):
     seconds = sections * WINDOW * 4 / FPS
-    request, result = ours(components, tmp_path, schedule, seconds)
+    request, result = ours(components, tmp_path, schedule, seconds, width, height)
     assert result.plan.num_sections == sections == demo_sections(seconds, WINDOW)
 
-    inputs, rnd = aligned_inputs(components, sample_pixels, SEED)
+    inputs, rnd = aligned_inputs(components, sample_pixels, SEED, width, height)
     ref_latents, ref_pixels = demo_worker(components, inputs, rnd, seconds, f1=schedule == "forward")
-    assert result.latents.shape == ref_latents.shape == (1, 16, 1 + sections * WINDOW, H // 8, W // 8)
+    assert result.latents.shape == ref_latents.shape == (1, 16, 1 + sections * WINDOW, height // 8, width // 8)
     # Bit for bit: the same ops on the same values (the padded prompt's masked tokens add exact
     # zeros to the token refiner's attention; fp-ray cuts them off, speed.trim_text).
     assert torch.equal(result.latents, ref_latents)
@@ -371,7 +374,7 @@ def test_whole_video_matches_the_demo(components, video_frames, sample_pixels, t
     window = result.plan.window
     done = {p: result.latents[:, :, 1 + p * window : 1 + (p + 1) * window] for p in range(sections)}
     frames = video_frames(result.plan, encode_request(components, request).cond, done)
-    assert frames.shape == (4 * sections * WINDOW + 1, H, W, 3) == demo_uint8(ref_pixels).shape
+    assert frames.shape == (4 * sections * WINDOW + 1, height, width, 3) == demo_uint8(ref_pixels).shape
     assert frames.std() > 10  # real content, not a constant that would match anything
     # the same pixels, rounded alike (fp-ray's chunks decode in the same temporal tiles)
     assert np.array_equal(frames, rounded_uint8(ref_pixels))
@@ -427,14 +430,20 @@ def test_where_the_references_disagree(components, sample_pixels, tmp_path):
 @pytest.mark.parametrize("seconds", [1, 2.5, 5, 5.4, 10, 24.6, 60, 120])
 def test_section_and_frame_counts_match_the_demo(seconds):
     """Sections from seconds as the demo counts them (30 fps, round half to even), and the
-    frames its loop writes: the first decode and each soft-append's new frames."""
-    request = make_request(prompt="p", seconds=seconds, width=W, height=H)
+    frames each of its loops writes: the first decode, then each soft-append's new frames."""
     n = demo_sections(seconds, WINDOW)
-    assert request.num_sections == n
-    frames = 4 * (WINDOW + (n == 1)) - 3  # first decode: the window (and the start latent if also last)
-    for k in range(1, n):
-        frames += 4 * (2 * WINDOW + (k == n - 1) - 1) + 1 - (WINDOW * 4 - 3)
-    assert plan_request(request, W, H).pixel_frames == frames
+    overlap = WINDOW * 4 - 3
+
+    def pixels(latent_frames: int) -> int:
+        return 4 * (latent_frames - 1) + 1
+
+    # inverted: the window (with the start latent when it is also the last), then 2 windows (+1)
+    inverted = pixels(WINDOW + (n == 1)) + sum(pixels(2 * WINDOW + (k == n - 1)) - overlap for k in range(1, n))
+    f1 = pixels(1 + WINDOW) + sum(pixels(2 * WINDOW) - overlap for _ in range(1, n))  # start + window, then 2 windows
+    for schedule in ("inverted", "forward"):
+        request = make_request(prompt="p", seconds=seconds, width=W, height=H, schedule=schedule)
+        assert request.num_sections == n
+        assert plan_request(request, W, H).pixel_frames == inverted == f1
 
 
 def test_section_count_over_the_demo_slider():
