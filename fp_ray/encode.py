@@ -155,8 +155,10 @@ def resize_and_center_crop(image: Image.Image, width: int, height: int) -> Image
         return image
     scale = max(width / image.width, height / image.height)
     resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    left = (resized.width - width) // 2
-    top = (resized.height - height) // 2
+    # The demo's box is in halves, (resized - target) / 2, which PIL's crop rounds half to even
+    # as Python's round does: an odd overflow of 3, 7, 11 ... pixels starts one pixel past the floor.
+    left = round((resized.width - width) / 2)
+    top = round((resized.height - height) / 2)
     return resized.crop((left, top, left + width, top + height))
 
 

@@ -291,8 +291,10 @@ class RenderRequest(BaseModel):
 
     @property
     def num_sections(self) -> int:
-        """As the official demo: round(seconds * fps / (window * 4)), at least one."""
-        return max(1, round(self.seconds / self.seconds_per_section))
+        """As the official demo: round(seconds * fps / (window * 4)), at least one, in this
+        order of operations: seconds / seconds_per_section rounds the other way where the demo
+        lands on a half (5.4 s: 162 / 36 = 4.5 -> 4, but 5.4 / 1.2 = 4.500000000000001 -> 5)."""
+        return max(1, round(self.seconds * self.fps / (self.window * PIXEL_FRAMES_PER_LATENT)))
 
 
 def make_request(**fields) -> RenderRequest:

@@ -68,12 +68,15 @@ def sample(model: X0Model, x: torch.Tensor, sigmas: torch.Tensor) -> Iterator[to
         B_h = -h
         diffs = [(history[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
         x_base = (sigmas[i] / sigmas[i - 1]) * x - torch.expm1(-h) * m0
-        predicted = x_base
-        if diffs:
-            predicted = x_base - B_h * sum(d * rho for d, rho in zip(diffs, rhos_p.to(x.device)))
-        m_t = model(predicted, sigmas[i : i + 1])
+        predicted, correction = x_base, 0
         rhos_c = rhos_c.to(x.device)
-        correction = sum((d * rho for d, rho in zip(diffs, rhos_c[:-1])), torch.zeros_like(x))
+        if diffs:
+            # Weighted sums as the demo forms them, one tensordot over the stacked differences:
+            # term by term they round otherwise (1e-6 apart after a few steps).
+            stacked = torch.stack(diffs, dim=1)
+            predicted = x_base - B_h * torch.tensordot(stacked, rhos_p.to(x.device), dims=([1], [0]))
+            correction = torch.tensordot(stacked, rhos_c[:-1], dims=([1], [0]))
+        m_t = model(predicted, sigmas[i : i + 1])
         x = x_base - B_h * (correction + rhos_c[-1] * (m_t - m0))
         model_prev = (model_prev + [m_t])[-order:]
         yield x if i < steps - 1 else m_t
