@@ -316,13 +316,22 @@ def decode_request_images(request: RenderRequest, images: Images) -> tuple[Image
     return start, end, keys
 
 
+# Raised whenever fp-ray makes other numbers from the same request and weights, so that a store
+# or a batch's finished rows from before are never mixed with, or taken for, the new output
+# (the version itself stays out: releases that keep the numbers keep every store).
+# 2: the official demo's section count (5.4 s is 4 sections) and crop rounding, UniPC sums as
+# one tensordot.
+OUTPUT_REVISION = 2
+
+
 def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[LoraFile, ...] = (),
                         clip_sha256: str | None = None, model: dict | None = None) -> str:
     """Where the images, LoRAs and the clip to extend came from does not change the video;
     their bytes (and the LoRAs' weights, the keyframes' times) do. A request without LoRAs,
     keyframes, loop or clip keeps the fingerprint it had before they existed. `model`: the
     model's identity (metadata.model_identity): other weights under the same folder name are
-    another render, whose store never hands back the old weights' sections."""
+    another render, whose store never hands back the old weights' sections. `OUTPUT_REVISION`:
+    a store written by an fp-ray that made other numbers is another render too."""
     if len(loras) != len(request.loras):
         raise ValueError(f"the fingerprint needs the files of all {len(request.loras)} LoRAs, got {len(loras)}")
     if (clip_sha256 is None) != (request.extend is None):
@@ -341,6 +350,7 @@ def request_fingerprint(request: RenderRequest, images: Images, loras: tuple[Lor
         text += f"clip:{clip_sha256}"
     if model is not None:
         text += json.dumps({"model": {name: part["sha256"] for name, part in sorted(model.items())}})
+    text += f"revision:{OUTPUT_REVISION}"
     return fingerprint(text, *images)
 
 

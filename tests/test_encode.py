@@ -73,3 +73,24 @@ def test_other_weights_in_the_same_folder_are_another_fingerprint(components, tm
     weights.write_bytes(bytes(data))
     folder_digest.cache_clear()
     assert request_fingerprint(encoded.request, images, model=model_identity(str(model))) != before
+
+
+def test_a_store_from_an_fp_ray_that_made_other_numbers_is_not_reused(components, tmp_path, monkeypatch):
+    """The output revision is in the fingerprint: sections an earlier revision stored (another
+    section count or crop for the same request) are made again, not mixed into the new video;
+    within one revision they are reused."""
+    from fp_ray import encode
+    from fp_ray.render import render
+    from fp_ray.request import make_request
+    from fp_ray.storage import SectionStore
+
+    request = make_request(prompt="a valley", width=64, height=48, steps=1, seconds=0.8, window=2)
+    store = SectionStore(tmp_path / "store")
+    monkeypatch.setattr(encode, "OUTPUT_REVISION", encode.OUTPUT_REVISION - 1)
+    old = render(request, tmp_path / "old.mp4", components, store=store, request_id="r")
+    monkeypatch.undo()
+    new = render(request, tmp_path / "new.mp4", components, store=store, request_id="r")
+    again = render(request, tmp_path / "again.mp4", components, store=store, request_id="r")
+    assert old.fingerprint != new.fingerprint == again.fingerprint
+    assert new.reused == [] and new.generated == list(range(new.plan.num_sections))
+    assert again.reused == list(range(new.plan.num_sections))
