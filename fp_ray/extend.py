@@ -35,7 +35,7 @@ import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -379,11 +379,13 @@ def _keep(download: Path, target: Path) -> None:
         shutil.copyfile(download, target)
 
 
-def clip_frames(path: Path) -> Iterator[np.ndarray]:
+def clip_frames(path: Path, check: Callable[[], None] = lambda: None) -> Iterator[np.ndarray]:
+    """The clip's frames; `check` runs before each and raises to end the read (a stopped render)."""
     import av
 
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
+            check()
             yield frame.to_ndarray(format="rgb24")
 
 
@@ -392,10 +394,12 @@ class ClipJoin:
     or after them (inverted), as a local mp4 whose packets join with theirs. The clip is
     prepared once per render (checked against its hash, downloaded, re-encoded where its
     packets cannot be copied), and the progressive output and the final mp4 share it. `sha256`:
-    the clip's as it was encoded; one that changed since is a ClipError, not a video of two clips."""
+    the clip's as it was encoded; one that changed since is a ClipError, not a video of two clips.
+    `check`: raises once the render is stopped, so a re-encode (an hour of frames, at most) ends
+    at its next frame rather than after the whole clip."""
 
-    def __init__(self, request: RenderRequest, sha256: str | None = None):
-        self.request, self.sha256 = request, sha256
+    def __init__(self, request: RenderRequest, sha256: str | None = None, check: Callable[[], None] = lambda: None):
+        self.request, self.sha256, self._check = request, sha256, check
         self._folder = contextlib.ExitStack()  # the prepared clip's temporary folder, until close()
         self._path: str | None = None
 
@@ -429,7 +433,7 @@ class ClipJoin:
                                 "render it again")
             if not _stream_matches(path, segment, self.request.fps):
                 try:
-                    encode_frames(clip_frames(path), str(target), self.request.fps, self.request.crf)
+                    encode_frames(clip_frames(path, self._check), str(target), self.request.fps, self.request.crf)
                 except _av_errors():
                     raise ClipError(f"{what}: is corrupt (a frame does not decode)") from None
             elif is_uri(self.request.extend):

@@ -35,7 +35,8 @@ class SegmentsMissing(RuntimeError):
 
 
 class WriteStopped(RuntimeError):
-    """The render was stopped while its mp4 was being joined: nothing was put in place."""
+    """The render was stopped while its mp4 (or an extended clip for it) was being written:
+    nothing was put in place."""
 
 
 class Segments:
@@ -66,8 +67,9 @@ class Segments:
         self._progressive_path = Path(progressive) if progressive is not None else None
         self._progressive: SegmentJoiner | None = None
         self.frames_written: int | None = None  # the mp4's frames, once written (an extension's clip too)
-        self._clip = ClipJoin(ctx.request, ctx.clip_sha256)  # an extended clip's own frames, prepared once
-        self._stop_writing = threading.Event()
+        self._stop_writing = threading.Event()  # set by a stop: the threads that write end at their next step
+        # an extended clip's own frames, prepared once (its re-encode stops with the render too)
+        self._clip = ClipJoin(ctx.request, ctx.clip_sha256, self._check_stop)
 
     def _has(self, k: int, kind: str) -> bool:
         return self.store.has(self.ctx.request_id, self.ctx.fingerprint, k, kind)
@@ -196,6 +198,7 @@ class Segments:
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
     def cancel(self) -> None:
+        self._stop_writing.set()  # a progressive output's thread (preparing the clip) ends too
         for task in self.tasks:
             task.cancel()
         if self._progressive is not None and self.prefix < self.n:

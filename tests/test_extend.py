@@ -384,3 +384,42 @@ def test_a_url_clip_is_downloaded_once_per_render(clip, tmp_path, capsys):
     assert main([*args, "--extend", str(clip), "--out", str(tmp_path / "path.mp4")]) == 0
     assert np.array_equal(read_frames(tmp_path / "url.mp4"), read_frames(tmp_path / "path.mp4"))
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_stop_while_a_foreign_clip_is_re_encoded_ends_the_re_encode(tmp_path, capsys, monkeypatch, progressive):
+    """SIGTERM while the output re-encodes a clip it cannot copy (up to an hour of frames), in
+    the final join's thread or the progressive output's: the re-encode ends at its next frame,
+    where it used to go through the whole clip before the command could say stopped."""
+    import os
+    import signal
+
+    from fp_ray import extend
+    from fp_ray.segments import Segments
+
+    y, x = np.mgrid[0:64, 0:64]
+    frames = np.stack([np.stack([x * 4, y * 5, (x + y + 8 * t) * 2], axis=-1) % 256 for t in range(30)]).astype(np.uint8)
+    path = foreign_clip(tmp_path / "foreign.mp4", frames)
+    made, read, reached = [], [], []
+    monkeypatch.setattr(Segments, "__init__", lambda self, *a, f=Segments.__init__, **k: made.append(self) or f(self, *a, **k))
+
+    def stop_at_the_first_frame(clip, *args, original=extend.clip_frames):
+        for frame in original(clip, *args):
+            if not read:
+                os.kill(os.getpid(), signal.SIGTERM)  # from the re-encoding thread, as in the join's test
+                reached.append(made[-1]._stop_writing.wait(10))
+            read.append(1)
+            yield frame
+
+    monkeypatch.setattr(extend, "clip_frames", stop_at_the_first_frame)
+    out = tmp_path / "out.mp4"
+    args = ["render", "--schedule", "forward", "--steps", "1", "--window", "2", "--seconds", "0.8", "--sampler", "euler",
+            "--extend", str(path), "--out", str(out)]
+    if progressive:
+        args += ["--progressive", str(tmp_path / "live.mp4")]
+    capsys.readouterr()
+    assert main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "stopped by SIGTERM" in err[-1] and "Traceback" not in "".join(err), err[-5:]
+    assert reached == [True] and len(read) == 1, (reached, len(read))
+    assert not out.exists()
