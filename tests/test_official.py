@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanVideo
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from PIL import Image
 
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
 from fp_ray.buckets import nearest_bucket
-from fp_ray.encode import PROMPT_TEMPLATE, encode_prompt, encode_request, load_image, plan_request, resize_and_center_crop
+from fp_ray.encode import encode_prompt, encode_request, plan_request, resize_and_center_crop
 from fp_ray.generate import noise_stream
 from fp_ray.render import render
 from fp_ray.request import make_request
@@ -35,6 +36,7 @@ from fp_ray.speed import trim_text
 
 W, H, STEPS, SEED, GS, PROMPT = 64, 48, 4, 31337, 10.0, "a red house below the mountains"
 WINDOW, FPS = 9, 30  # the demo's latent_window_size and frame rate
+TEMPLATE = DEFAULT_PROMPT_TEMPLATE["template"]  # the demo's, from diffusers: never fp-ray's own copy
 
 # ---- the demo's helpers (diffusers_helper/*), written from their source -------------------
 
@@ -120,7 +122,7 @@ def template_crop_start(tokenizer) -> int:
     """Tokens of the prompt template before the user text. The demo takes diffusers'
     DEFAULT_PROMPT_TEMPLATE's constant 95, which holds for HunyuanVideo's Llama 3 tokenizer
     only; the tiny checkpoint's tokenizer splits the same template into another count."""
-    return len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)
+    return len(tokenizer(TEMPLATE.split("{}")[0]).input_ids)
 
 
 @torch.no_grad()
@@ -128,7 +130,7 @@ def demo_prompt(c, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """hunyuan.encode_prompt_conds: Llama's third-to-last hidden state cut to the prompt's
     real tokens, and CLIP-L's pooled output of the bare prompt."""
     crop = template_crop_start(c.tokenizer)
-    t = c.tokenizer([PROMPT_TEMPLATE.format(prompt)], padding="max_length", max_length=256 + crop, truncation=True,
+    t = c.tokenizer([TEMPLATE.format(prompt)], padding="max_length", max_length=256 + crop, truncation=True,
                     return_tensors="pt", return_attention_mask=True)
     length = int(t.attention_mask.sum())
     hidden = c.text_encoder(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True).hidden_states
@@ -338,7 +340,9 @@ def f1_loop(c, inputs, rnd, sections, window, steps, gs):
 
 @pytest.fixture(scope="module")
 def sample_pixels() -> np.ndarray:
-    return np.asarray(load_image(SAMPLE_IMAGE))
+    """The image as the demo's numpy input has it, read by PIL, not by fp-ray."""
+    with Image.open(SAMPLE_IMAGE) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def aligned_inputs(c, image: np.ndarray, seed: int, width: int = W, height: int = H) -> tuple[DemoInputs, torch.Generator]:
