@@ -184,6 +184,7 @@ def test_cli_batch_exit_code_says_rows_failed(ray_cluster, tmp_path, monkeypatch
     ([{"id": "a", "seconds": 3}], "missing columns ['prompt']"),
     ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], "duplicate ids ['a']"),
     ([{"id": "../etc/passwd", "prompt": "x"}], "ids must be"),
+    ([{"id": "clip\n", "prompt": "x"}], "ids must be"),
     ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "rows without an id: [2]"),
     ([], "no rows"),
 ])
