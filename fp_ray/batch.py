@@ -145,7 +145,7 @@ def read_manifest(manifest: str) -> list[dict]:
         rows = _parse_rows(manifest, kind, data)
     except ManifestError:
         raise
-    except (ValueError, pa.ArrowException, csv.Error) as e:
+    except (ValueError, RecursionError, pa.ArrowException, csv.Error) as e:  # RecursionError: JSON nested too deeply
         raise ManifestError(f"cannot read manifest {manifest}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not rows:
         raise ManifestError(f"manifest {manifest}: no rows")

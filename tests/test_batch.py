@@ -154,6 +154,11 @@ def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
     with pytest.raises(ManifestError, match="line 2 is not JSON"):
         read_manifest(str(tmp_path / "m.jsonl"))
+    for name, text in [("deep.jsonl", '{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+                       ("deep.json", '[{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}]")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ManifestError, match="cannot read manifest .*recursion"):  # was a RecursionError traceback
+            read_manifest(str(tmp_path / name))
 
 
 def test_cli_batch_checks_the_manifest_before_starting_ray(tmp_path, monkeypatch, capsys):
