@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,14 @@ def test_render_from_a_video_is_bit_identical_and_options_override(rendered, tmp
     request = json.loads(Path(f"{changed}.json").read_text())["request"]
     assert request == {**record["request"], "seed": 6}
     assert not np.array_equal(read_frames(changed), read_frames(original))
+
+
+def test_from_a_fifo_is_refused_at_once(tmp_path):
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    # a subprocess: opening the fifo waited for a writer forever
+    done = subprocess.run([sys.executable, "-m", "fp_ray.cli", "plan", "--from", str(pipe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"fp-ray: error: --from {str(pipe)!r}: not a regular file\n", done.stderr
 
 
 @pytest.mark.parametrize("case,message", [
