@@ -89,6 +89,8 @@ def parse_json(body: bytes) -> dict:
         raise HTTPException(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
+    except UnicodeDecodeError:  # json.loads reads UTF-8/16/32 bytes only
+        raise HTTPException(400, "body is not valid JSON: not UTF-8") from None
     if not isinstance(fields, dict):
         raise HTTPException(422, "body must be a JSON object")
     return fields

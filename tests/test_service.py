@@ -323,3 +323,10 @@ def test_user_errors_never_show_stored_input_paths():
     for path in ("/srv/fp/renders/0123456789abcdef/input/clip.mp4", "/srv/" + "x" * 200 + "/renders/0123456789abcdef/input/clip.mp4"):
         message = user_error(ClipError(f"extend: {excerpt(path, 120)}: is corrupt (a frame does not decode)"))
         assert message == "extend: the upload: is corrupt (a frame does not decode)", message
+
+
+def test_a_json_body_not_in_utf8_gets_400(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        r = client.post("/v1/renders", content='{"prompt": "café"}'.encode("latin-1"), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["detail"] == "body is not valid JSON: not UTF-8", r.text  # was a 500
+
