@@ -380,8 +380,9 @@ def make_api() -> FastAPI:
             record = await asyncio.to_thread(parse_metadata, data, "the upload")
         except MetadataError as e:
             raise HTTPException(422, str(e)) from None
-        images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
-        keyframes = zip(record["request"].get("keyframes") or [], record["images"].get("keyframes") or [])
+        images = {k: v.get("sha256") if isinstance(v, dict) else None for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
+        given, hashes = record["request"].get("keyframes"), record["images"].get("keyframes")
+        keyframes = zip(given, hashes) if isinstance(given, list) and isinstance(hashes, list) else ()  # a hand-edited record's may be anything
         if keys := [{"at": k.get("at"), "sha256": h.get("sha256")} for k, h in keyframes if isinstance(k, dict) and isinstance(h, dict)]:
             images["keyframes"] = keys  # to pick again, as the start image is
         return {"fields": form_fields(record), "images": images, "fp_ray_version": record.get("fp_ray_version")}

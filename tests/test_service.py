@@ -330,3 +330,10 @@ def test_a_json_body_not_in_utf8_gets_400(pools, tmp_path):
         r = client.post("/v1/renders", content='{"prompt": "café"}'.encode("latin-1"), headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["detail"] == "body is not valid JSON: not UTF-8", r.text  # was a 500
 
+
+def test_settings_of_a_record_with_odd_keyframes_are_read(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        record = {"format": "fp-ray/render/1", "request": {"prompt": "x", "keyframes": 5}, "images": {"image": {"sha256": "0"}, "keyframes": 5, "extend": 5}}
+        r = client.post("/v1/settings", content=json.dumps(record).encode())
+        assert r.status_code == 200 and "keyframes" not in r.json()["images"], r.text  # was a 500 (zip over an int)
+
