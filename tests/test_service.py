@@ -337,3 +337,19 @@ def test_settings_of_a_record_with_odd_keyframes_are_read(pools, tmp_path):
         r = client.post("/v1/settings", content=json.dumps(record).encode())
         assert r.status_code == 200 and "keyframes" not in r.json()["images"], r.text  # was a 500 (zip over an int)
 
+
+def test_concurrent_submissions_never_pass_the_queue_cap(pools, tmp_path):
+    import asyncio
+
+    svc = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), config=ServiceConfig(max_queued=2))
+    request = make_request(prompt="x", width=64, height=48, steps=20, seconds=6, image="upload")
+
+    async def submit_all():
+        results = await asyncio.gather(*[svc.submit(request, (SAMPLE_IMAGE.read_bytes(), None)) for _ in range(6)], return_exceptions=True)
+        for rid in [r for r in results if isinstance(r, str)]:
+            await svc.cancel(rid)
+        return results
+
+    results = asyncio.run(submit_all())
+    assert sum(isinstance(r, str) for r in results) == 2, results  # all six passed the count before any was recorded
+    assert all(type(r).__name__ == "Busy" for r in results if not isinstance(r, str))
