@@ -30,6 +30,7 @@ STATIC = Path(__file__).parent / "static"
 FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "extend", "model"}
 MAX_DETAIL = 300  # characters of a reason; a bad value is shown as an excerpt
 MAX_SIZE_TEXT = 32
+FILE_METHODS = ["GET", "HEAD"]  # the videos answer HEAD too (curl -I, download managers; FastAPI adds it to no route)
 
 
 _services: dict[str, RenderService] = {}  # the replica's RenderService (Serve copies the FastAPI app object)
@@ -425,7 +426,7 @@ def make_api() -> FastAPI:
         weakref.finalize(body, release)  # a client gone before the stream started still frees its slot
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/renders/{rid}/sections/{position}.mp4")
+    @api.api_route("/v1/renders/{rid}/sections/{position}.mp4", methods=FILE_METHODS)
     async def section_preview(request: Request, rid: str, position: int):
         authorize(request)
         await record_or_404(request, rid)
@@ -434,7 +435,7 @@ def make_api() -> FastAPI:
             raise HTTPException(404, f"section {position} of {rid} is not decoded yet")
         return FileResponse(path, media_type="video/mp4")
 
-    @api.get("/v1/renders/{rid}/progressive.mp4")
+    @api.api_route("/v1/renders/{rid}/progressive.mp4", methods=FILE_METHODS)
     async def progressive(request: Request, rid: str):
         """The finished time-ordered prefix as a fragmented mp4 (forward and bidirectional
         schedules finish the start early); it grows while the render runs."""
@@ -445,7 +446,7 @@ def make_api() -> FastAPI:
             raise HTTPException(404, f"render {rid} has no finished prefix yet")
         return FileResponse(path, media_type="video/mp4")
 
-    @api.get("/v1/renders/{rid}/video.mp4")
+    @api.api_route("/v1/renders/{rid}/video.mp4", methods=FILE_METHODS)
     async def video(request: Request, rid: str):
         authorize(request)
         record = await record_or_404(request, rid)

@@ -293,6 +293,10 @@ def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools
         rid = r.json()["id"]
         wait_status(client, rid, {"finished"})
         video = client.get(f"/v1/renders/{rid}/video.mp4").content
+        head = client.head(f"/v1/renders/{rid}/video.mp4")  # was 405: curl -I, download managers
+        assert head.status_code == 200 and int(head.headers["content-length"]) == len(video) and not head.content
+        assert client.head(f"/v1/renders/{rid}/sections/0.mp4").status_code == 200
+        assert client.head("/v1/renders/nope/video.mp4").status_code == 404
         sidecar = tmp_path / "renders" / rid / "video.mp4.json"
         record = json.loads(sidecar.read_text())
         assert record["request"]["image"] is None and record["request"]["end_image"] is None  # no server paths
