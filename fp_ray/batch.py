@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import time
@@ -78,8 +77,8 @@ class BatchConfig:
 
 
 def _value(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
+    # NaN is a value, refused as such: rows come from pyarrow (a pandas NaN is a null there)
+    # or JSON, where a NaN was written, not left out
     return v.item() if hasattr(v, "item") else v
 
 

@@ -15,7 +15,7 @@ from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT, cli
 from fp_ray.actors import PoolConfig
 from fp_ray.batch import BatchConfig, ManifestError, read_manifest, row_request, run_batch
 from fp_ray.render import render
-from fp_ray.request import make_request
+from fp_ray.request import RequestError, make_request
 
 from images import png_header_only
 
@@ -145,6 +145,12 @@ def test_every_request_field_is_a_manifest_column(tmp_path):
     assert row["cache_threshold"] == 0.1
     request = row_request(row, str(tmp_path), str(TINY_CHECKPOINT))
     assert (request.cfg, request.negative_prompt, request.cfg_rescale) == (2.5, "blurry, static", 0.3)
+
+
+def test_nan_in_a_row_is_refused_not_read_as_left_out(tmp_path):
+    for column in ("seconds", "cache_threshold"):  # NaN was the default: a 5 s video, or no step cache at all
+        with pytest.raises(RequestError, match=f"{column}: Input should be"):
+            row_request({"id": "a", "prompt": "x", column: float("nan")}, str(tmp_path), str(TINY_CHECKPOINT))
 
 
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
