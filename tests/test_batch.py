@@ -153,6 +153,13 @@ def test_nan_in_a_row_is_refused_not_read_as_left_out(tmp_path):
             row_request({"id": "a", "prompt": "x", column: float("nan")}, str(tmp_path), str(TINY_CHECKPOINT))
 
 
+@pytest.mark.parametrize("column", ["seed", "steps", "seconds"])
+def test_a_boolean_where_a_number_goes_is_refused(tmp_path, column):
+    with pytest.raises(RequestError, match=f"{column}: expected a number, got true"):  # was read as 1
+        row_request({"id": "a", "prompt": "x", column: True}, str(tmp_path), str(TINY_CHECKPOINT))
+    assert row_request({"id": "a", "prompt": "x", column: "1"}, str(tmp_path), str(TINY_CHECKPOINT))  # CSV's text still reads
+
+
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
     (row,) = read_manifest(str(tmp_path / "m.csv"))
