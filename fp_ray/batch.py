@@ -83,8 +83,8 @@ def _value(v):
 
 
 def _resolve(location: str | None, base: str) -> str | None:
-    if not location or is_uri(location) or os.path.isabs(location):
-        return location
+    if not isinstance(location, str) or not location or is_uri(location) or os.path.isabs(location):
+        return location  # not text: the request model names the column and the type
     return join(base, location) if is_uri(base) else str(Path(base) / location)
 
 

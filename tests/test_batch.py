@@ -160,6 +160,12 @@ def test_a_boolean_where_a_number_goes_is_refused(tmp_path, column):
     assert row_request({"id": "a", "prompt": "x", column: "1"}, str(tmp_path), str(TINY_CHECKPOINT))  # CSV's text still reads
 
 
+@pytest.mark.parametrize("value", [5, ["a.png"], {"path": "a.png"}])
+def test_an_image_column_that_is_not_text_names_the_column(tmp_path, value):
+    with pytest.raises(RequestError, match="image: Input should be a valid string"):  # was "TypeError: expected str, bytes or os.PathLike object"
+        row_request({"id": "a", "prompt": "x", "image": value}, str(tmp_path), str(TINY_CHECKPOINT))
+
+
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
     (row,) = read_manifest(str(tmp_path / "m.csv"))
