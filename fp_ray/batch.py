@@ -112,7 +112,11 @@ def _parse_rows(manifest: str, kind: str, data: bytes) -> list[dict]:
         return pq.read_table(io.BytesIO(data)).to_pylist()
     text = data.decode("utf-8-sig")
     if kind == "csv":
-        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+        if ragged := next((n for n, row in enumerate(rows, 1) if None in row), None):  # DictReader files extra values under None
+            raise ManifestError(f"manifest {manifest}: row {ragged} has more values than the header has columns")
+        return rows
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         rows = json.loads(text)
     else:

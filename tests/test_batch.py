@@ -170,6 +170,9 @@ def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
     (row,) = read_manifest(str(tmp_path / "m.csv"))
     assert row == {"id": "007", "prompt": "x", "seconds": None}
+    (tmp_path / "ragged.csv").write_text("id,prompt\na,x\nb,y,z\n")
+    with pytest.raises(ManifestError, match="row 2 has more values than the header has columns"):  # was "unknown columns [None]"
+        read_manifest(str(tmp_path / "ragged.csv"))
     (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
     with pytest.raises(ManifestError, match="line 2 is not JSON"):
         read_manifest(str(tmp_path / "m.jsonl"))
