@@ -17,6 +17,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from fp_ray.encode import ImageError, decode_image
@@ -61,6 +62,12 @@ def authorize(request: Request) -> str | None:
 
 def busy(e: Busy) -> HTTPException:
     return HTTPException(429, str(e), {"Retry-After": str(e.retry_after)})
+
+
+def gone() -> HTTPException:
+    """The client went away mid-body: answered like any bad body (no one reads it), since an
+    exception escaping the handler is logged with its traceback as a failed request."""
+    return HTTPException(400, "the request body ended early: the client went away")
 
 
 class BodyTooLarge(Exception):
@@ -185,6 +192,8 @@ async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | 
             raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+    except ClientDisconnect:
+        raise gone() from None
     urls = {key: fields.pop(f"{key}_url", None) for key in images}
     if both := [key for key in images if images[key] is not None and urls[key]]:
         raise HTTPException(422, f"{both[0]}: upload a file or give {both[0]}_url, not both")
@@ -266,6 +275,8 @@ async def read_upload(request: Request, limit: int) -> bytes:
         return await body.body()
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+    except ClientDisconnect:
+        raise gone() from None
 
 
 def form_fields(record: dict) -> dict:

@@ -357,3 +357,28 @@ def test_concurrent_submissions_never_pass_the_queue_cap(pools, tmp_path):
     results = asyncio.run(submit_all())
     assert sum(isinstance(r, str) for r in results) == 2, results  # all six passed the count before any was recorded
     assert all(type(r).__name__ == "Busy" for r in results if not isinstance(r, str))
+
+
+def test_a_client_gone_mid_upload_ends_as_a_4xx_not_an_escaped_exception(pools, tmp_path):
+    """The proxy has cancelled the request by then: an exception escaping the handler was
+    logged as a never-retrieved future with its traceback, once per client that went away."""
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from serving.api import read_body, read_upload
+
+    bind_service(RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path)))
+    for kind in ("multipart/form-data; boundary=X", "application/json"):
+        for read in (read_body, lambda request: read_upload(request, 1 << 20)):
+            messages = iter([{"type": "http.request", "body": b'--X\r\nContent-Disposition: form-data; name="a"\r\n\r\nb', "more_body": True},
+                             {"type": "http.disconnect"}])
+
+            async def receive():
+                return next(messages)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/renders", "query_string": b"", "headers": [(b"content-type", kind.encode())]}
+            with pytest.raises(HTTPException) as e:
+                asyncio.run(read(Request(scope, receive)))
+            assert e.value.status_code == 400 and "went away" in e.value.detail
