@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import signal
 import sys
@@ -371,18 +372,39 @@ def pool_size(text: str) -> tuple[int, int]:
     return sizes
 
 
+def amount(text: str) -> float:
+    """A resource amount (GPUs per actor): a finite number >= 0. Ray takes nan, inf or a
+    negative amount and schedules it without a word."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def resource(text: str) -> tuple[str, float]:
+    """'fp_generator=1' -> ('fp_generator', 1.0); the amount defaults to 1."""
+    name, _, value = text.partition("=")
+    try:
+        return name, amount(value or "1")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, AMOUNT a number >= 0, got {text!r}") from None
+
+
 def add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generators", type=pool_size, default=(1, 1), help="generator actors: N or MIN-MAX (default 1)")
     p.add_argument("--decoders", type=pool_size, default=(1, 1), help="decoder actors: N or MIN-MAX (default 1)")
     p.add_argument("--encoders", type=pool_size, default=(1, 1), help="encoder actors: N or MIN-MAX (default 1)")
-    p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default 1)")
-    p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default 0.5)")
-    p.add_argument("--encoder-gpus", type=float, help="GPUs per encoder (default 0.5; none of them with --device cpu; "
+    p.add_argument("--generator-gpus", type=amount, help="GPUs per generator (default 1)")
+    p.add_argument("--decoder-gpus", type=amount, help="GPUs per decoder (default 0.5)")
+    p.add_argument("--encoder-gpus", type=amount, help="GPUs per encoder (default 0.5; none of them with --device cpu; "
                    "a Ray fp-ray starts itself on a machine with one GPU shares it among all actors, on none uses the CPU)")
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: wait for actors no node fits yet instead of failing")
     for kind in ("generator", "decoder", "encoder"):
-        p.add_argument(f"--{kind}-resource", action="append", default=[], metavar="NAME=AMOUNT",
+        p.add_argument(f"--{kind}-resource", type=resource, action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -393,12 +415,8 @@ def pool_config(args: argparse.Namespace):
 
     resources: dict[str, dict[str, float]] = {}
     for kind in ("generator", "decoder", "encoder"):
-        for item in getattr(args, f"{kind}_resource"):
-            name, _, amount = item.partition("=")
-            try:
-                resources.setdefault(kind, {})[name] = float(amount or 1)
-            except ValueError:
-                raise CliError(f"--{kind}-resource: expected NAME=AMOUNT, got {item!r}") from None
+        for name, value in getattr(args, f"{kind}_resource"):
+            resources.setdefault(kind, {})[name] = value
     fields = dict(
         generators=args.generators[1], decoders=args.decoders[1], encoders=args.encoders[1],
         resources=resources, max_restarts=args.max_restarts, autoscaling=args.autoscaling,

@@ -233,6 +233,25 @@ def test_bad_flags_are_one_line_too(capsys):
         assert caught.value.code == 2 and "\n" not in err and err.startswith("fp-ray"), err
 
 
+@pytest.mark.parametrize("argv", [
+    ["batch", "m.jsonl", "--out", "o", "--generator-gpus", "nan"],
+    ["batch", "m.jsonl", "--out", "o", "--decoder-gpus", "-1"],
+    ["render", "--ray", "--encoder-gpus", "inf"],
+])
+def test_gpu_amounts_are_finite_and_not_negative(argv, capsys):
+    with pytest.raises(SystemExit) as caught:  # Ray took them: a batch with nan GPUs per generator ran
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and "expected a number >= 0" in err and "\n" not in err, err
+
+
+def test_resource_amounts_are_numbers_too(capsys):
+    for value in ("fp_gpu=nan", "fp_gpu=x"):  # nan was taken after Ray started; x was refused only then
+        with pytest.raises(SystemExit) as caught:
+            main(["batch", "m.jsonl", "--out", "o", "--generator-resource", value])
+        assert caught.value.code == 2 and "expected NAME=AMOUNT, AMOUNT a number >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fault, code, message", [
     ("SIGTERM", 143, "stopped by SIGTERM"),
     ("SIGINT", 130, "stopped by SIGINT"),
