@@ -384,6 +384,19 @@ def amount(text: str) -> float:
     return value
 
 
+def integer_in(low: int, high: int | None, what: str):
+    """An argparse type: an integer from `low` to `high` (None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
 def resource(text: str) -> tuple[str, float]:
     """'fp_generator=1' -> ('fp_generator', 1.0); the amount defaults to 1."""
     name, _, value = text.partition("=")
@@ -406,7 +419,8 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
     for kind in ("generator", "decoder", "encoder"):
         p.add_argument(f"--{kind}-resource", type=resource, action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
-    p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
+    p.add_argument("--max-restarts", type=integer_in(-1, None, "a whole number >= 0, or -1 for no limit"), default=3,
+                   help="restarts of a crashed actor, -1: no limit (default %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -591,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                          "visible in ps: prefer --token-file or the env)")
     p_serve.add_argument("--token-file", help="read the bearer token from this file")
     p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--port", type=integer_in(0, 65535, "a port, 0 to 65535"), default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p_serve.add_argument("--lora", action="append", default=[], metavar="NAME=LOCATION",
                          help="a LoRA requests may name: NAME for a .safetensors file, folder or hub id (repeatable); "

@@ -245,6 +245,17 @@ def test_gpu_amounts_are_finite_and_not_negative(argv, capsys):
     assert caught.value.code == 2 and "expected a number >= 0" in err and "\n" not in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["render", "--ray", "--max-restarts", "-5"], "expected a whole number >= 0, or -1 for no limit"),  # a ValueError traceback from Ray
+    (["serve", "--port", "99999"], "expected a port, 0 to 65535"),  # an OverflowError traceback once Ray and Serve had started
+])
+def test_integer_flags_out_of_range_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and message in err and "\n" not in err, err
+
+
 def test_resource_amounts_are_numbers_too(capsys):
     for value in ("fp_gpu=nan", "fp_gpu=x"):  # nan was taken after Ray started; x was refused only then
         with pytest.raises(SystemExit) as caught:
