@@ -451,8 +451,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import BatchConfig, ManifestError, check_manifest, run_batch
 
     ModelSources.resolve(args.model)
-    if not is_uri(args.out):
-        writable_folder(args.out, "--out")
+    for flag, location in (("--out", args.out), ("--store", args.store)):
+        if location and not is_uri(location):
+            writable_folder(location, flag)
     try:
         # the manifest, its ids and every row's fields and images, before Ray starts
         checked = check_manifest(args.manifest, args.out, args.model, (args.base, args.image_encoder))

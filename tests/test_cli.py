@@ -144,6 +144,18 @@ def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_p
     assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1
 
 
+def test_batch_store_that_is_a_file_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    def no_ray(address):
+        raise AssertionError("Ray must not start for a store that cannot be written")
+
+    monkeypatch.setattr("fp_ray.cli.connect", no_ray)  # every row failed in the generate stage
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n')
+    (tmp_path / "file").write_text("a file")
+    assert main(["batch", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--store: " in err and "is a file, not a folder" in err, err
+
+
 def test_ray_on_a_cluster_needs_a_store_every_node_sees(tmp_path, capsys):
     code = main(["render", *FAST, "--ray", "--address", "127.0.0.1:1", "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
