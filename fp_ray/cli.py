@@ -505,6 +505,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     token = args.token
     if args.token_file:  # a file, so the token does not show in `ps`
+        if Path(args.token_file).exists() and not Path(args.token_file).is_file():  # a fifo would wait for a writer forever
+            raise CliError(f"--token-file: cannot read {args.token_file}: not a regular file")
         try:
             token = Path(args.token_file).read_text().strip()
         except OSError as e:

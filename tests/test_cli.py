@@ -144,6 +144,14 @@ def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_p
     assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1
 
 
+def test_serve_token_file_that_is_a_fifo_is_refused_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    # a subprocess: reading the fifo waited for a writer forever
+    done = subprocess.run([sys.executable, "-m", "fp_ray.cli", "serve", "--token-file", str(tmp_path / "pipe"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.endswith(": not a regular file\n") and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_batch_store_that_is_a_file_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     def no_ray(address):
         raise AssertionError("Ray must not start for a store that cannot be written")
