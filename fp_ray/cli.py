@@ -327,11 +327,18 @@ def _check_can_create_in(folder: Path, flag: str, target: str) -> None:
     os.unlink(probe)
 
 
+# Filesystems take names of 255 bytes; the temporary file an output is written as adds up to 86
+# (".{name}.{host}-{pid}.{random}.tmp"), its sidecar ".json".
+MAX_NAME_BYTES = 160
+
+
 def writable_file(location: str, flag: str, suffix: str) -> Path:
     """Check, before any model loads, that the render's output file can be written."""
     path = Path(location).expanduser()
     if path.suffix.lower() != suffix:
         raise CliError(f"{flag} must name a {suffix} file, got {excerpt(location)}")
+    if len(os.fsencode(path.name)) > MAX_NAME_BYTES:  # the render ran whole, then its temporary file's name was too long
+        raise CliError(f"{flag}: the file name is {len(os.fsencode(path.name))} bytes; at most {MAX_NAME_BYTES}")
     if path.is_dir():
         raise CliError(f"{flag}: {excerpt(location)} is a folder, not a file")
     _check_can_create_in(path.parent, flag, excerpt(location))

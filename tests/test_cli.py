@@ -60,6 +60,7 @@ def test_plan_prints_sections_waves_and_tokens(capsys):
         (["--out", "{file}/x.mp4"], "is not a folder"),
         (["--out", "/proc/fp-ray-test/x.mp4"], "cannot write in /proc"),
         (["--previews", "{file}"], "--previews: "),
+        (["--out", "{long_name}"], "--out: the file name is 254 bytes; at most 160"),
         (["--image", "{huge}", "--prompt", "x"], "huge.png' is too large (400,000,000 pixels; at most 64,000,000)"),
         (["--image", "{tiny}", "--prompt", "x"], "each side at least 16"),
         (["--end-image", "{huge}"], "end_image: "),
@@ -84,7 +85,8 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     (tmp_path / "dir.mp4").mkdir()
     (tmp_path / "file").write_text("a file")
     paths = {"corrupt": corrupt, "missing": tmp_path / "nope.png", "out_txt": tmp_path / "video.txt", "huge": tmp_path / "huge.png",
-             "tiny": tmp_path / "tiny.png", "out_dir": tmp_path / "dir.mp4", "file": tmp_path / "file"}
+             "tiny": tmp_path / "tiny.png", "out_dir": tmp_path / "dir.mp4", "file": tmp_path / "file",
+             "long_name": tmp_path / ("v" * 250 + ".mp4")}
     args = [a.format(**paths) if len(a) < 1000 else a for a in args]
     out = tmp_path / "video.mp4"
     argv = ["render", *FAST, "--out", str(out), *args] if "--out" not in args else ["render", *FAST, *args]
