@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from . import TINY_CHECKPOINT, __version__
@@ -391,7 +392,7 @@ def amount(text: str) -> float:
     return value
 
 
-def integer_in(low: int, high: int | None, what: str):
+def integer_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     """An argparse type: an integer from `low` to `high` (None: no upper bound)."""
     def parse(text: str) -> int:
         try:
