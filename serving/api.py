@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
@@ -335,6 +336,13 @@ def make_api() -> FastAPI:
         if isinstance(exc.detail, str) and len(exc.detail) > MAX_DETAIL:
             exc = HTTPException(exc.status_code, exc.detail[:MAX_DETAIL] + "...", exc.headers)
         return await http_exception_handler(request, exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def short_validation_reasons(request: Request, exc: RequestValidationError):
+        """A bad query or path parameter (?limit=, a section number) as one short reason; FastAPI's
+        own answer echoes the whole value (a 30 KB URL came back whole)."""
+        err = exc.errors()[0]
+        return JSONResponse({"detail": f"{err['loc'][-1]}: {err['msg']} (got {excerpt(err.get('input'), 44)})"}, status_code=422)
 
     def base(request: Request) -> str:
         return service(request).config.public_url.rstrip("/")

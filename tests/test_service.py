@@ -382,3 +382,11 @@ def test_a_client_gone_mid_upload_ends_as_a_4xx_not_an_escaped_exception(pools, 
             with pytest.raises(HTTPException) as e:
                 asyncio.run(read(Request(scope, receive)))
             assert e.value.status_code == 400 and "went away" in e.value.detail
+
+
+def test_bad_query_and_path_parameters_get_a_short_reason(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        for url, reason in [("/v1/renders?limit=" + "x" * 30000, "limit: Input should be a valid integer"),
+                            ("/v1/renders/abc/sections/" + "9" * 5000 + ".mp4", "position: ")]:
+            r = client.get(url)
+            assert r.status_code == 422 and r.json()["detail"].startswith(reason) and len(r.text) < 400, r.text[:300]  # was the whole value
