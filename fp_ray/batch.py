@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import time
@@ -78,14 +77,14 @@ class BatchConfig:
 
 
 def _value(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
+    # NaN is a value, refused as such: rows come from pyarrow (a pandas NaN is a null there)
+    # or JSON, where a NaN was written, not left out
     return v.item() if hasattr(v, "item") else v
 
 
 def _resolve(location: str | None, base: str) -> str | None:
-    if not location or is_uri(location) or os.path.isabs(location):
-        return location
+    if not isinstance(location, str) or not location or is_uri(location) or os.path.isabs(location):
+        return location  # not text: the request model names the column and the type
     return join(base, location) if is_uri(base) else str(Path(base) / location)
 
 
@@ -113,7 +112,11 @@ def _parse_rows(manifest: str, kind: str, data: bytes) -> list[dict]:
         return pq.read_table(io.BytesIO(data)).to_pylist()
     text = data.decode("utf-8-sig")
     if kind == "csv":
-        return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [{k: (v if v != "" else None) for k, v in row.items()} for row in reader]
+        if ragged := next((n for n, row in enumerate(rows, 1) if None in row), None):  # DictReader files extra values under None
+            raise ManifestError(f"manifest {manifest}: row {ragged} has more values than the header has columns")
+        return rows
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         rows = json.loads(text)
     else:
@@ -145,7 +148,7 @@ def read_manifest(manifest: str) -> list[dict]:
         rows = _parse_rows(manifest, kind, data)
     except ManifestError:
         raise
-    except (ValueError, pa.ArrowException, csv.Error) as e:
+    except (ValueError, RecursionError, pa.ArrowException, csv.Error) as e:  # RecursionError: JSON nested too deeply
         raise ManifestError(f"cannot read manifest {manifest}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not rows:
         raise ManifestError(f"manifest {manifest}: no rows")

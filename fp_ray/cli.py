@@ -10,11 +10,13 @@ import argparse
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from . import TINY_CHECKPOINT, __version__
@@ -326,11 +328,18 @@ def _check_can_create_in(folder: Path, flag: str, target: str) -> None:
     os.unlink(probe)
 
 
+# Filesystems take names of 255 bytes; the temporary file an output is written as adds up to 86
+# (".{name}.{host}-{pid}.{random}.tmp"), its sidecar ".json".
+MAX_NAME_BYTES = 160
+
+
 def writable_file(location: str, flag: str, suffix: str) -> Path:
     """Check, before any model loads, that the render's output file can be written."""
     path = Path(location).expanduser()
     if path.suffix.lower() != suffix:
         raise CliError(f"{flag} must name a {suffix} file, got {excerpt(location)}")
+    if len(os.fsencode(path.name)) > MAX_NAME_BYTES:  # the render ran whole, then its temporary file's name was too long
+        raise CliError(f"{flag}: the file name is {len(os.fsencode(path.name))} bytes; at most {MAX_NAME_BYTES}")
     if path.is_dir():
         raise CliError(f"{flag}: {excerpt(location)} is a folder, not a file")
     _check_can_create_in(path.parent, flag, excerpt(location))
@@ -371,20 +380,55 @@ def pool_size(text: str) -> tuple[int, int]:
     return sizes
 
 
+def amount(text: str) -> float:
+    """A resource amount (GPUs per actor): a finite number >= 0. Ray takes nan, inf or a
+    negative amount and schedules it without a word."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def integer_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def resource(text: str) -> tuple[str, float]:
+    """'fp_generator=1' -> ('fp_generator', 1.0); the amount defaults to 1."""
+    name, _, value = text.partition("=")
+    try:
+        return name, amount(value or "1")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, AMOUNT a number >= 0, got {text!r}") from None
+
+
 def add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generators", type=pool_size, default=(1, 1), help="generator actors: N or MIN-MAX (default 1)")
     p.add_argument("--decoders", type=pool_size, default=(1, 1), help="decoder actors: N or MIN-MAX (default 1)")
     p.add_argument("--encoders", type=pool_size, default=(1, 1), help="encoder actors: N or MIN-MAX (default 1)")
-    p.add_argument("--generator-gpus", type=float, help="GPUs per generator (default 1)")
-    p.add_argument("--decoder-gpus", type=float, help="GPUs per decoder (default 0.5)")
-    p.add_argument("--encoder-gpus", type=float, help="GPUs per encoder (default 0.5; none of them with --device cpu; "
+    p.add_argument("--generator-gpus", type=amount, help="GPUs per generator (default 1)")
+    p.add_argument("--decoder-gpus", type=amount, help="GPUs per decoder (default 0.5)")
+    p.add_argument("--encoder-gpus", type=amount, help="GPUs per encoder (default 0.5; none of them with --device cpu; "
                    "a Ray fp-ray starts itself on a machine with one GPU shares it among all actors, on none uses the CPU)")
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster adds nodes on demand: wait for actors no node fits yet instead of failing")
     for kind in ("generator", "decoder", "encoder"):
-        p.add_argument(f"--{kind}-resource", action="append", default=[], metavar="NAME=AMOUNT",
+        p.add_argument(f"--{kind}-resource", type=resource, action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
-    p.add_argument("--max-restarts", type=int, default=3, help="restarts of a crashed actor (default %(default)s)")
+    p.add_argument("--max-restarts", type=integer_in(-1, None, "a whole number >= 0, or -1 for no limit"), default=3,
+                   help="restarts of a crashed actor, -1: no limit (default %(default)s)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -393,12 +437,8 @@ def pool_config(args: argparse.Namespace):
 
     resources: dict[str, dict[str, float]] = {}
     for kind in ("generator", "decoder", "encoder"):
-        for item in getattr(args, f"{kind}_resource"):
-            name, _, amount = item.partition("=")
-            try:
-                resources.setdefault(kind, {})[name] = float(amount or 1)
-            except ValueError:
-                raise CliError(f"--{kind}-resource: expected NAME=AMOUNT, got {item!r}") from None
+        for name, value in getattr(args, f"{kind}_resource"):
+            resources.setdefault(kind, {})[name] = value
     fields = dict(
         generators=args.generators[1], decoders=args.decoders[1], encoders=args.encoders[1],
         resources=resources, max_restarts=args.max_restarts, autoscaling=args.autoscaling,
@@ -419,8 +459,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import BatchConfig, ManifestError, check_manifest, run_batch
 
     ModelSources.resolve(args.model)
-    if not is_uri(args.out):
-        writable_folder(args.out, "--out")
+    for flag, location in (("--out", args.out), ("--store", args.store)):
+        if location and not is_uri(location):
+            writable_folder(location, flag)
     try:
         # the manifest, its ids and every row's fields and images, before Ray starts
         checked = check_manifest(args.manifest, args.out, args.model, (args.base, args.image_encoder))
@@ -472,6 +513,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     token = args.token
     if args.token_file:  # a file, so the token does not show in `ps`
+        if Path(args.token_file).exists() and not Path(args.token_file).is_file():  # a fifo would wait for a writer forever
+            raise CliError(f"--token-file: cannot read {args.token_file}: not a regular file")
         try:
             token = Path(args.token_file).read_text().strip()
         except OSError as e:
@@ -573,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                          "visible in ps: prefer --token-file or the env)")
     p_serve.add_argument("--token-file", help="read the bearer token from this file")
     p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--port", type=integer_in(0, 65535, "a port, 0 to 65535"), default=8000)
     p_serve.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p_serve.add_argument("--lora", action="append", default=[], metavar="NAME=LOCATION",
                          help="a LoRA requests may name: NAME for a .safetensors file, folder or hub id (repeatable); "

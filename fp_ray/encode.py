@@ -130,7 +130,10 @@ def decode_image(data: bytes, what: str = "image", location: str | Path = "") ->
             with Image.open(io.BytesIO(data)) as im:
                 check_image_size(im.width, im.height, what)
                 im.load()
-                return ImageOps.exif_transpose(im).convert("RGB")
+                upright = ImageOps.exif_transpose(im)
+                if upright.mode.startswith("I;16"):  # 16-bit greyscale: convert() clips it at 255 (a white frame)
+                    upright = Image.fromarray((np.asarray(upright) >> 8).astype(np.uint8))
+                return upright.convert("RGB")
     except ImageError:
         raise
     except UnidentifiedImageError:

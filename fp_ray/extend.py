@@ -91,8 +91,8 @@ def local_clip(location: str) -> Iterator[Path]:
         path = Path(location).expanduser()
         if path.is_dir():
             raise ClipError(f"{what}: is a folder, not a video")
-        if not path.is_file():
-            raise ClipError(f"{what}: file not found")
+        if not path.is_file():  # a fifo or device is never opened: reading one may never end
+            raise ClipError(f"{what}: {'is not a regular file' if path.exists() else 'file not found'}")
         yield path
         return
     held = _held.get()

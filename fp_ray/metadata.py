@@ -152,6 +152,8 @@ def read_metadata(location: str | os.PathLike, what: str | None = None) -> dict:
         if is_uri(location):
             return parse_metadata(read_bytes(location), what)
         path = Path(location).expanduser()
+        if path.exists() and not (path.is_file() or path.is_dir()):  # a fifo would wait for a writer forever
+            raise MetadataError(f"{what}: not a regular file")
         with path.open("rb") as f:
             head = f.read(1 << 16)
         if head.lstrip()[:1] != b"{":

@@ -168,6 +168,15 @@ class RenderRequest(BaseModel):
     # the last frames crossfade into the first (docs/loop.md).
     loop: bool = False
 
+    @field_validator("seconds", "steps", "guidance", "seed", "width", "height", "resolution", "window", "fps", "crf",
+                     "cache_threshold", "cfg", "cfg_rescale", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v):
+        """A number, never true or false (pydantic reads them as 1 and 0: a JSON "seed": true was seed 1)."""
+        if isinstance(v, bool):
+            raise ValueError(f"expected a number, got {str(v).lower()}")
+        return v
+
     @field_validator("keyframes", "loras", mode="before")
     @classmethod
     def _texts(cls, v, info):

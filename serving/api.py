@@ -15,8 +15,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from fp_ray.encode import ImageError, decode_image
@@ -30,6 +32,7 @@ STATIC = Path(__file__).parent / "static"
 FIELDS = set(RenderRequest.model_fields) - {"image", "end_image", "extend", "model"}
 MAX_DETAIL = 300  # characters of a reason; a bad value is shown as an excerpt
 MAX_SIZE_TEXT = 32
+FILE_METHODS = ["GET", "HEAD"]  # the videos answer HEAD too (curl -I, download managers; FastAPI adds it to no route)
 
 
 _services: dict[str, RenderService] = {}  # the replica's RenderService (Serve copies the FastAPI app object)
@@ -62,6 +65,12 @@ def busy(e: Busy) -> HTTPException:
     return HTTPException(429, str(e), {"Retry-After": str(e.retry_after)})
 
 
+def gone() -> HTTPException:
+    """The client went away mid-body: answered like any bad body (no one reads it), since an
+    exception escaping the handler is logged with its traceback as a failed request."""
+    return HTTPException(400, "the request body ended early: the client went away")
+
+
 class BodyTooLarge(Exception):
     """The body went past the cap while it streamed in."""
 
@@ -89,6 +98,8 @@ def parse_json(body: bytes) -> dict:
         raise HTTPException(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
+    except UnicodeDecodeError:  # json.loads reads UTF-8/16/32 bytes only
+        raise HTTPException(400, "body is not valid JSON: not UTF-8") from None
     if not isinstance(fields, dict):
         raise HTTPException(422, "body must be a JSON object")
     return fields
@@ -182,6 +193,8 @@ async def read_body(request: Request) -> tuple[RenderRequest, dict[str, bytes | 
             raise HTTPException(415, "send multipart/form-data (with an image file) or application/json (with image_url)")
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+    except ClientDisconnect:
+        raise gone() from None
     urls = {key: fields.pop(f"{key}_url", None) for key in images}
     if both := [key for key in images if images[key] is not None and urls[key]]:
         raise HTTPException(422, f"{both[0]}: upload a file or give {both[0]}_url, not both")
@@ -263,6 +276,8 @@ async def read_upload(request: Request, limit: int) -> bytes:
         return await body.body()
     except BodyTooLarge:
         raise HTTPException(413, f"request body is over the limit of {limit} bytes") from None
+    except ClientDisconnect:
+        raise gone() from None
 
 
 def form_fields(record: dict) -> dict:
@@ -322,6 +337,13 @@ def make_api() -> FastAPI:
             exc = HTTPException(exc.status_code, exc.detail[:MAX_DETAIL] + "...", exc.headers)
         return await http_exception_handler(request, exc)
 
+    @api.exception_handler(RequestValidationError)
+    async def short_validation_reasons(request: Request, exc: RequestValidationError):
+        """A bad query or path parameter (?limit=, a section number) as one short reason; FastAPI's
+        own answer echoes the whole value (a 30 KB URL came back whole)."""
+        err = exc.errors()[0]
+        return JSONResponse({"detail": f"{err['loc'][-1]}: {err['msg']} (got {excerpt(err.get('input'), 44)})"}, status_code=422)
+
     def base(request: Request) -> str:
         return service(request).config.public_url.rstrip("/")
 
@@ -378,8 +400,9 @@ def make_api() -> FastAPI:
             record = await asyncio.to_thread(parse_metadata, data, "the upload")
         except MetadataError as e:
             raise HTTPException(422, str(e)) from None
-        images = {k: (v or {}).get("sha256") for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
-        keyframes = zip(record["request"].get("keyframes") or [], record["images"].get("keyframes") or [])
+        images = {k: v.get("sha256") if isinstance(v, dict) else None for k, v in record["images"].items() if k in ("image", "end_image", "extend")}
+        given, hashes = record["request"].get("keyframes"), record["images"].get("keyframes")
+        keyframes = zip(given, hashes) if isinstance(given, list) and isinstance(hashes, list) else ()  # a hand-edited record's may be anything
         if keys := [{"at": k.get("at"), "sha256": h.get("sha256")} for k, h in keyframes if isinstance(k, dict) and isinstance(h, dict)]:
             images["keyframes"] = keys  # to pick again, as the start image is
         return {"fields": form_fields(record), "images": images, "fp_ray_version": record.get("fp_ray_version")}
@@ -422,7 +445,7 @@ def make_api() -> FastAPI:
         weakref.finalize(body, release)  # a client gone before the stream started still frees its slot
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/renders/{rid}/sections/{position}.mp4")
+    @api.api_route("/v1/renders/{rid}/sections/{position}.mp4", methods=FILE_METHODS)
     async def section_preview(request: Request, rid: str, position: int):
         authorize(request)
         await record_or_404(request, rid)
@@ -431,7 +454,7 @@ def make_api() -> FastAPI:
             raise HTTPException(404, f"section {position} of {rid} is not decoded yet")
         return FileResponse(path, media_type="video/mp4")
 
-    @api.get("/v1/renders/{rid}/progressive.mp4")
+    @api.api_route("/v1/renders/{rid}/progressive.mp4", methods=FILE_METHODS)
     async def progressive(request: Request, rid: str):
         """The finished time-ordered prefix as a fragmented mp4 (forward and bidirectional
         schedules finish the start early); it grows while the render runs."""
@@ -442,7 +465,7 @@ def make_api() -> FastAPI:
             raise HTTPException(404, f"render {rid} has no finished prefix yet")
         return FileResponse(path, media_type="video/mp4")
 
-    @api.get("/v1/renders/{rid}/video.mp4")
+    @api.api_route("/v1/renders/{rid}/video.mp4", methods=FILE_METHODS)
     async def video(request: Request, rid: str):
         authorize(request)
         record = await record_or_404(request, rid)

@@ -135,6 +135,9 @@ class RenderService:
         self.streams: dict[str, int] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")  # FIFO: writes keep their order
         self._pending: set[asyncio.Task] = set()
+        # Admission counts unfinished records, so a render counts only once recorded: submissions
+        # are admitted one at a time, or concurrent ones all pass the count before any is recorded.
+        self._admission = asyncio.Lock()
         self._maintainer: asyncio.Task | None = None
 
     # ---- artifacts: every path comes from the server-made id, never from user strings ----
@@ -211,6 +214,17 @@ class RenderService:
         LoraError: a LoRA this service does not offer; ClipError: a clip to extend it cannot use
         (`clip`: its bytes; the start image may then be None, extending forward from the clip's first frame)."""
         self.loras.check(request.loras)
+        async with self._admission:
+            rid, request = await self._admit(request, images, client, clip)
+        owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
+        await self.db(self.records.claim, rid, owner, self.config.lease_s)
+        self.metrics.submitted.labels(client or "").inc()
+        await self._start(rid, request, owner)
+        return rid
+
+    async def _admit(self, request: RenderRequest, images: tuple[bytes | None, ...], client: str | None,
+                     clip: bytes | None) -> tuple[str, RenderRequest]:
+        """Busy past a cap; else the inputs stored and the render recorded: (its id, its request)."""
         cap = self.config
         if await self.db(self.records.count_unfinished) >= cap.max_queued:
             raise Busy(f"{cap.max_queued} renders are queued or running; retry later", cap.retry_after_s)
@@ -234,12 +248,8 @@ class RenderService:
                 if isinstance(e, ClipError):
                     raise ClipError(user_error(e)) from None  # no server paths
                 raise
-        owner = f"{self.replica}-{uuid.uuid4().hex[:8]}"
         await self.db(self.records.create, rid, request.model_dump(), client)
-        await self.db(self.records.claim, rid, owner, self.config.lease_s)
-        self.metrics.submitted.labels(client or "").inc()
-        await self._start(rid, request, owner)
-        return rid
+        return rid, request
 
     def _store_inputs(self, rid: str, images: tuple[bytes | None, ...], clip: bytes | None = None) -> None:
         self.image_path(rid, "start").parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT, cli
 from fp_ray.actors import PoolConfig
 from fp_ray.batch import BatchConfig, ManifestError, read_manifest, row_request, run_batch
 from fp_ray.render import render
-from fp_ray.request import make_request
+from fp_ray.request import RequestError, make_request
 
 from images import png_header_only
 
@@ -147,13 +147,40 @@ def test_every_request_field_is_a_manifest_column(tmp_path):
     assert (request.cfg, request.negative_prompt, request.cfg_rescale) == (2.5, "blurry, static", 0.3)
 
 
+def test_nan_in_a_row_is_refused_not_read_as_left_out(tmp_path):
+    for column in ("seconds", "cache_threshold"):  # NaN was the default: a 5 s video, or no step cache at all
+        with pytest.raises(RequestError, match=f"{column}: Input should be"):
+            row_request({"id": "a", "prompt": "x", column: float("nan")}, str(tmp_path), str(TINY_CHECKPOINT))
+
+
+@pytest.mark.parametrize("column", ["seed", "steps", "seconds"])
+def test_a_boolean_where_a_number_goes_is_refused(tmp_path, column):
+    with pytest.raises(RequestError, match=f"{column}: expected a number, got true"):  # was read as 1
+        row_request({"id": "a", "prompt": "x", column: True}, str(tmp_path), str(TINY_CHECKPOINT))
+    assert row_request({"id": "a", "prompt": "x", column: "1"}, str(tmp_path), str(TINY_CHECKPOINT))  # CSV's text still reads
+
+
+@pytest.mark.parametrize("value", [5, ["a.png"], {"path": "a.png"}])
+def test_an_image_column_that_is_not_text_names_the_column(tmp_path, value):
+    with pytest.raises(RequestError, match="image: Input should be a valid string"):  # was "TypeError: expected str, bytes or os.PathLike object"
+        row_request({"id": "a", "prompt": "x", "image": value}, str(tmp_path), str(TINY_CHECKPOINT))
+
+
 def test_ids_stay_strings_in_csv_and_bad_json_lines_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,prompt,seconds\n007,x,\n")
     (row,) = read_manifest(str(tmp_path / "m.csv"))
     assert row == {"id": "007", "prompt": "x", "seconds": None}
+    (tmp_path / "ragged.csv").write_text("id,prompt\na,x\nb,y,z\n")
+    with pytest.raises(ManifestError, match="row 2 has more values than the header has columns"):  # was "unknown columns [None]"
+        read_manifest(str(tmp_path / "ragged.csv"))
     (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
     with pytest.raises(ManifestError, match="line 2 is not JSON"):
         read_manifest(str(tmp_path / "m.jsonl"))
+    for name, text in [("deep.jsonl", '{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+                       ("deep.json", '[{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}]")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ManifestError, match="cannot read manifest .*recursion"):  # was a RecursionError traceback
+            read_manifest(str(tmp_path / name))
 
 
 def test_cli_batch_checks_the_manifest_before_starting_ray(tmp_path, monkeypatch, capsys):
@@ -184,6 +211,7 @@ def test_cli_batch_exit_code_says_rows_failed(ray_cluster, tmp_path, monkeypatch
     ([{"id": "a", "seconds": 3}], "missing columns ['prompt']"),
     ([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}], "duplicate ids ['a']"),
     ([{"id": "../etc/passwd", "prompt": "x"}], "ids must be"),
+    ([{"id": "clip\n", "prompt": "x"}], "ids must be"),
     ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "rows without an id: [2]"),
     ([], "no rows"),
 ])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,7 @@ def test_plan_prints_sections_waves_and_tokens(capsys):
         (["--out", "{file}/x.mp4"], "is not a folder"),
         (["--out", "/proc/fp-ray-test/x.mp4"], "cannot write in /proc"),
         (["--previews", "{file}"], "--previews: "),
+        (["--out", "{long_name}"], "--out: the file name is 254 bytes; at most 160"),
         (["--image", "{huge}", "--prompt", "x"], "huge.png' is too large (400,000,000 pixels; at most 64,000,000)"),
         (["--image", "{tiny}", "--prompt", "x"], "each side at least 16"),
         (["--end-image", "{huge}"], "end_image: "),
@@ -83,7 +85,8 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, args, message):
     (tmp_path / "dir.mp4").mkdir()
     (tmp_path / "file").write_text("a file")
     paths = {"corrupt": corrupt, "missing": tmp_path / "nope.png", "out_txt": tmp_path / "video.txt", "huge": tmp_path / "huge.png",
-             "tiny": tmp_path / "tiny.png", "out_dir": tmp_path / "dir.mp4", "file": tmp_path / "file"}
+             "tiny": tmp_path / "tiny.png", "out_dir": tmp_path / "dir.mp4", "file": tmp_path / "file",
+             "long_name": tmp_path / ("v" * 250 + ".mp4")}
     args = [a.format(**paths) if len(a) < 1000 else a for a in args]
     out = tmp_path / "video.mp4"
     argv = ["render", *FAST, "--out", str(out), *args] if "--out" not in args else ["render", *FAST, *args]
@@ -143,6 +146,26 @@ def test_serve_token_file_that_cannot_be_read_fails_before_anything_starts(tmp_p
     assert err.startswith("fp-ray: error: --token-file: cannot read") and len(err.splitlines()) == 1
 
 
+def test_serve_token_file_that_is_a_fifo_is_refused_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    # a subprocess: reading the fifo waited for a writer forever
+    done = subprocess.run([sys.executable, "-m", "fp_ray.cli", "serve", "--token-file", str(tmp_path / "pipe"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.endswith(": not a regular file\n") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_batch_store_that_is_a_file_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    def no_ray(address):
+        raise AssertionError("Ray must not start for a store that cannot be written")
+
+    monkeypatch.setattr("fp_ray.cli.connect", no_ray)  # every row failed in the generate stage
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "prompt": "x"}\n')
+    (tmp_path / "file").write_text("a file")
+    assert main(["batch", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--store: " in err and "is a file, not a folder" in err, err
+
+
 def test_ray_on_a_cluster_needs_a_store_every_node_sees(tmp_path, capsys):
     code = main(["render", *FAST, "--ray", "--address", "127.0.0.1:1", "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
@@ -178,6 +201,14 @@ def test_render_from_a_video_is_bit_identical_and_options_override(rendered, tmp
     request = json.loads(Path(f"{changed}.json").read_text())["request"]
     assert request == {**record["request"], "seed": 6}
     assert not np.array_equal(read_frames(changed), read_frames(original))
+
+
+def test_from_a_fifo_is_refused_at_once(tmp_path):
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    # a subprocess: opening the fifo waited for a writer forever
+    done = subprocess.run([sys.executable, "-m", "fp_ray.cli", "plan", "--from", str(pipe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"fp-ray: error: --from {str(pipe)!r}: not a regular file\n", done.stderr
 
 
 @pytest.mark.parametrize("case,message", [
@@ -222,6 +253,36 @@ def test_bad_flags_are_one_line_too(capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert caught.value.code == 2 and "\n" not in err and err.startswith("fp-ray"), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["batch", "m.jsonl", "--out", "o", "--generator-gpus", "nan"],
+    ["batch", "m.jsonl", "--out", "o", "--decoder-gpus", "-1"],
+    ["render", "--ray", "--encoder-gpus", "inf"],
+])
+def test_gpu_amounts_are_finite_and_not_negative(argv, capsys):
+    with pytest.raises(SystemExit) as caught:  # Ray took them: a batch with nan GPUs per generator ran
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and "expected a number >= 0" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["render", "--ray", "--max-restarts", "-5"], "expected a whole number >= 0, or -1 for no limit"),  # a ValueError traceback from Ray
+    (["serve", "--port", "99999"], "expected a port, 0 to 65535"),  # an OverflowError traceback once Ray and Serve had started
+])
+def test_integer_flags_out_of_range_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and message in err and "\n" not in err, err
+
+
+def test_resource_amounts_are_numbers_too(capsys):
+    for value in ("fp_gpu=nan", "fp_gpu=x"):  # nan was taken after Ray started; x was refused only then
+        with pytest.raises(SystemExit) as caught:
+            main(["batch", "m.jsonl", "--out", "o", "--generator-resource", value])
+        assert caught.value.code == 2 and "expected NAME=AMOUNT, AMOUNT a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fault, code, message", [

@@ -67,7 +67,7 @@ def test_rayjob_runs_the_batch_entrypoint_with_node_type_resources():
     assert batch_entrypoint("m.parquet", "out", ["--generators", "1-8"]).startswith("fp-ray batch m.parquet --out out")
     assert callable(main) and argparse  # imported for the flags' parser
     args = argparse.Namespace(generators=(1, 8), decoders=(1, 4), encoders=(1, 1), generator_gpus=None, decoder_gpus=None,
-                              encoder_gpus=None, generator_resource=["fp_generator=1"], decoder_resource=["fp_decoder=1"], encoder_resource=[],
+                              encoder_gpus=None, generator_resource=[("fp_generator", 1.0)], decoder_resource=[("fp_decoder", 1.0)], encoder_resource=[],
                               max_restarts=3, dtype=None, autoscaling=True, device=None, memory="auto", base=None,
                               image_encoder=None, force_schedule=False, address="auto")
     assert pool_config(args).resources == {"generator": {"fp_generator": 1.0}, "decoder": {"fp_decoder": 1.0}}

@@ -46,6 +46,20 @@ def test_exif_orientation_is_applied():
     assert top[2] > 150 and bottom[0] > 150  # the blue left half is now on top
 
 
+def test_16_bit_greyscale_keeps_its_tones():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)  # black to white
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    pixels = np.asarray(decode_image(buffer.getvalue()))
+    assert pixels.shape == (48, 64, 3) and abs(pixels.mean() - 127.5) < 1  # was 254: every value above 255 clipped to white
+    assert np.array_equal(pixels[..., 0], (ramp >> 8).astype(np.uint8))
+
+
 def test_sample_image_decodes_unchanged():
     image = decode_image(SAMPLE_IMAGE.read_bytes())
     assert image.mode == "RGB" and min(image.size) >= MIN_IMAGE_SIDE

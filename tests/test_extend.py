@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +174,7 @@ def bad_clips(tmp_path, clip):
             container.mux(packet)
     return [
         (tmp_path / "missing.mp4", [], "file not found"),
+        (fifo(tmp_path / "pipe.mp4"), [], "is not a regular file"),  # was "file not found"
         (text, [], "is not a video"),
         (truncated, [], "not a video|corrupt|has no frames"),
         (audio, [], "has no video stream"),
@@ -183,6 +186,11 @@ def bad_clips(tmp_path, clip):
         (clip, ["--size", "128x64"], "not the clip's 64x64"),
         (clip, ["--fps", "24"], "not the clip's 30 fps"),
     ]
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 def test_cli_refuses_bad_clips_in_one_line(clip, tmp_path, capsys):

@@ -293,6 +293,10 @@ def test_videos_record_their_settings_and_the_settings_endpoint_reads_them(pools
         rid = r.json()["id"]
         wait_status(client, rid, {"finished"})
         video = client.get(f"/v1/renders/{rid}/video.mp4").content
+        head = client.head(f"/v1/renders/{rid}/video.mp4")  # was 405: curl -I, download managers
+        assert head.status_code == 200 and int(head.headers["content-length"]) == len(video) and not head.content
+        assert client.head(f"/v1/renders/{rid}/sections/0.mp4").status_code == 200
+        assert client.head("/v1/renders/nope/video.mp4").status_code == 404
         sidecar = tmp_path / "renders" / rid / "video.mp4.json"
         record = json.loads(sidecar.read_text())
         assert record["request"]["image"] is None and record["request"]["end_image"] is None  # no server paths
@@ -323,3 +327,66 @@ def test_user_errors_never_show_stored_input_paths():
     for path in ("/srv/fp/renders/0123456789abcdef/input/clip.mp4", "/srv/" + "x" * 200 + "/renders/0123456789abcdef/input/clip.mp4"):
         message = user_error(ClipError(f"extend: {excerpt(path, 120)}: is corrupt (a frame does not decode)"))
         assert message == "extend: the upload: is corrupt (a frame does not decode)", message
+
+
+def test_a_json_body_not_in_utf8_gets_400(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        r = client.post("/v1/renders", content='{"prompt": "café"}'.encode("latin-1"), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["detail"] == "body is not valid JSON: not UTF-8", r.text  # was a 500
+
+
+def test_settings_of_a_record_with_odd_keyframes_are_read(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        record = {"format": "fp-ray/render/1", "request": {"prompt": "x", "keyframes": 5}, "images": {"image": {"sha256": "0"}, "keyframes": 5, "extend": 5}}
+        r = client.post("/v1/settings", content=json.dumps(record).encode())
+        assert r.status_code == 200 and "keyframes" not in r.json()["images"], r.text  # was a 500 (zip over an int)
+
+
+def test_concurrent_submissions_never_pass_the_queue_cap(pools, tmp_path):
+    import asyncio
+
+    svc = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path), config=ServiceConfig(max_queued=2))
+    request = make_request(prompt="x", width=64, height=48, steps=20, seconds=6, image="upload")
+
+    async def submit_all():
+        results = await asyncio.gather(*[svc.submit(request, (SAMPLE_IMAGE.read_bytes(), None)) for _ in range(6)], return_exceptions=True)
+        for rid in [r for r in results if isinstance(r, str)]:
+            await svc.cancel(rid)
+        return results
+
+    results = asyncio.run(submit_all())
+    assert sum(isinstance(r, str) for r in results) == 2, results  # all six passed the count before any was recorded
+    assert all(type(r).__name__ == "Busy" for r in results if not isinstance(r, str))
+
+
+def test_a_client_gone_mid_upload_ends_as_a_4xx_not_an_escaped_exception(pools, tmp_path):
+    """The proxy has cancelled the request by then: an exception escaping the handler was
+    logged as a never-retrieved future with its traceback, once per client that went away."""
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from serving.api import read_body, read_upload
+
+    bind_service(RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path)))
+    for kind in ("multipart/form-data; boundary=X", "application/json"):
+        for read in (read_body, lambda request: read_upload(request, 1 << 20)):
+            messages = iter([{"type": "http.request", "body": b'--X\r\nContent-Disposition: form-data; name="a"\r\n\r\nb', "more_body": True},
+                             {"type": "http.disconnect"}])
+
+            async def receive():
+                return next(messages)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/renders", "query_string": b"", "headers": [(b"content-type", kind.encode())]}
+            with pytest.raises(HTTPException) as e:
+                asyncio.run(read(Request(scope, receive)))
+            assert e.value.status_code == 400 and "went away" in e.value.detail
+
+
+def test_bad_query_and_path_parameters_get_a_short_reason(pools, tmp_path):
+    with api_client(pools, tmp_path) as client:
+        for url, reason in [("/v1/renders?limit=" + "x" * 30000, "limit: Input should be a valid integer"),
+                            ("/v1/renders/abc/sections/" + "9" * 5000 + ".mp4", "position: ")]:
+            r = client.get(url)
+            assert r.status_code == 422 and r.json()["detail"].startswith(reason) and len(r.text) < 400, r.text[:300]  # was the whole value

@@ -31,6 +31,8 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
 def test_unsafe_ids_and_bad_uris_are_refused(tmp_path):
     with pytest.raises(StorageError, match="not a safe name"):
         SectionStore(tmp_path).location("../x", "ab" * 32, 0)
+    with pytest.raises(StorageError, match="not a safe name"):
+        SectionStore(tmp_path).location("a\n", "ab" * 32, 0)  # a trailing newline, which "$" lets through
     with pytest.raises(StorageError, match="cannot open storage"):
         SectionStore("nosuchscheme://bucket/x")
 
