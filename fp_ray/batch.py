@@ -191,11 +191,12 @@ def error_record(rid: str, error: BaseException, stage: str | None = None) -> di
 
 def write_record(out: str, record: dict) -> None:
     """Written as the row ends, so a job that dies later loses no finished row. A storage
-    failure here is logged, not raised: the row's result still reaches results.parquet."""
+    failure here is logged in one line, not raised (the command's output stays one line per
+    row): the row's result still reaches results.parquet."""
     try:
         write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
-    except Exception:
-        log.exception("cannot write the record of row %s", record["id"])
+    except Exception as e:
+        log.error("cannot write the record of row %s: %s: %s", record["id"], type(e).__name__, e)
 
 
 def previous_record(out: str, rid: str, fingerprint: str) -> dict | None:

@@ -210,3 +210,14 @@ def test_lora_column_paths_relative_to_the_manifest_and_missing_ones_as_row_erro
     assert [(c.name, c.weight) for c in styled.loras] == [(str(tmp_path / "loras" / "style.safetensors"), 0.8)]
     fingerprints = {checked[k]["record"]["fingerprint"] for k in ("plain", "styled", "text")}
     assert len(fingerprints) == 3
+
+
+def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caplog):
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "out" / "records" / "bad.json").mkdir(parents=True)  # where the row's record goes
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "bad", **ROW, "seconds": -1}])
+    (row,) = check_manifest(manifest, str(tmp_path / "out"), str(TINY_CHECKPOINT))
+    assert row["record"]["status"] == "error"
+    (logged,) = [r for r in caplog.records if "record of row bad" in r.getMessage()]
+    assert logged.exc_info is None and "Is a directory" in logged.getMessage()
