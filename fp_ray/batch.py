@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from .actors import PoolConfig
-from .coordinator import SectionLatents, generate_sections, render_context
+from .coordinator import SectionLatents, WorkerLost, generate_sections, render_context
 from .encode import decode_request_images, read_request_images, request_fingerprint
 from .extend import checked_request
 from .lora import LoraRegistry
@@ -375,21 +376,33 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
                     pools.autoscaling)
     spec = pools.spec(model)
     store = store or join(out, "sections")
-    common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
+    # A crashed actor restarts as often as it crashes (the pool serves every row), but each
+    # row is tried at most 1 + max_restarts times: a row that crashes its worker each time
+    # (out of memory, a native crash) would otherwise be retried forever and the batch never end.
+    common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False, max_restarts=-1,
+                  max_task_retries=pools.max_restarts)
     records = {r["id"]: r["record"] for r in checked}
     todo = [{**r, "record": json.dumps(r["record"])} for r in checked if r["payload"] is not None]
     if todo:
-        rendered = (
-            ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
-            .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
-                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
-            .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
-                         num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-            .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
-                         num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
-            .select_columns(["id", "record"])
-        )
+        # Ray 2.60 has no named map_batches parameter for the retries: its deprecation warning
+        # for them would be the command's output
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            rendered = (
+                ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
+                .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
+                             num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
+                .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
+                             num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
+                .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
+                             num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
+                .select_columns(["id", "record"])
+            )
+        # a row whose tries are used up is dropped from the stream (one block per row), not the batch
+        rendered.context.max_errored_blocks = -1
         pending = {r["id"] for r in todo}
+        lost = WorkerLost(f"the worker running this row was lost {1 + pools.max_restarts} times (killed, out of "
+                          "memory or crashed); the other rows went on")
         try:
             for row in rendered.iter_rows():  # rows arrive as they end
                 records[row["id"]] = json.loads(row["record"])
@@ -398,9 +411,10 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
             # The pipeline itself broke (e.g. actors that cannot start): rows already ended
             # keep their results; the others are recorded as not rendered.
             log.exception("the batch pipeline stopped")
-            for rid in pending:
-                records[rid] = error_record(rid, e, "batch")
-                write_record(out, records[rid])
+            lost = e
+        for rid in pending:
+            records[rid] = error_record(rid, lost, "batch")
+            write_record(out, records[rid])
     ordered = [records[r["id"]] for r in checked]
     write_results(ordered, join(out, "results.parquet"))
     return ordered

@@ -221,3 +221,34 @@ def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, c
     assert row["record"]["status"] == "error"
     (logged,) = [r for r in caplog.records if "record of row bad" in r.getMessage()]
     assert logged.exc_info is None and "Is a directory" in logged.getMessage()
+
+
+class KillsItsWorker:
+    """A row payload whose unpickling ends the process that reads it: a row that crashes its
+    stage's worker every time (as one that runs its node out of memory does)."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (1,)
+
+
+def test_a_row_that_keeps_killing_its_worker_ends_as_an_error_and_the_others_go_on(ray_cluster, tmp_path):
+    import dataclasses
+    import pickle
+
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    rows = [{"id": "good", **ROW, "image": "start.png", "seconds": 1}, {"id": "poison", **ROW, "image": "start.png", "seed": 1}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    out = str(tmp_path / "out")
+    checked = check_manifest(manifest, out, str(TINY_CHECKPOINT))
+    checked[1]["payload"] = pickle.dumps(KillsItsWorker())
+    config = dataclasses.replace(CONFIG, generators=(1, 1), pools=dataclasses.replace(CONFIG.pools, max_restarts=1))
+    good, poison = run_batch(manifest, out, str(TINY_CHECKPOINT), config, checked=checked)  # ends: no endless retries
+    assert good["status"] == "ok" and (tmp_path / "out" / "good.mp4").is_file()
+    assert poison["status"] == "error" and poison["error"].startswith("batch: WorkerLost: ")
+    assert "2 times" in poison["error"]  # the first try and --max-restarts 1 more
+    assert json.loads((tmp_path / "out" / "records" / "poison.json").read_text())["status"] == "error"
+    assert pq.read_table(tmp_path / "out" / "results.parquet").column("status").to_pylist() == ["ok", "error"]
