@@ -26,8 +26,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.exceptions import ActorDiedError
 
-from .actors import PoolConfig
+from .actors import PoolConfig, start_error
 from .coordinator import SectionLatents, WorkerLost, generate_sections, render_context
 from .encode import decode_request_images, read_request_images, request_fingerprint
 from .extend import checked_request
@@ -408,16 +409,26 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
                 records[row["id"]] = json.loads(row["record"])
                 pending.discard(row["id"])
         except Exception as e:
-            # The pipeline itself broke (e.g. actors that cannot start): rows already ended
-            # keep their results; the others are recorded as not rendered.
-            log.exception("the batch pipeline stopped")
-            lost = e
+            # The pipeline itself broke (e.g. actors that cannot load their model): rows already
+            # ended keep their results; the others are recorded as not rendered, in one line each.
+            lost = pipeline_error(e)
+            log.error("the batch pipeline stopped: %s: %s", type(lost).__name__, str(lost).strip().split("\n")[0])
         for rid in pending:
             records[rid] = error_record(rid, lost, "batch")
             write_record(out, records[rid])
     ordered = [records[r["id"]] for r in checked]
     write_results(ordered, join(out, "results.parquet"))
     return ordered
+
+
+def pipeline_error(e: Exception) -> Exception:
+    """What broke a pipeline, for its rows' records: an actor whose constructor raised (Ray
+    Data raises its ActorDiedError, or wraps it) as that constructor's error in one line."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    died = [c for c in chain if isinstance(c, ActorDiedError) and "creation task" in str(c)]
+    return start_error(died[0]) if died else e
 
 
 def write_results(records: list[dict], where: str) -> None:

@@ -252,3 +252,18 @@ def test_a_row_that_keeps_killing_its_worker_ends_as_an_error_and_the_others_go_
     assert "2 times" in poison["error"]  # the first try and --max-restarts 1 more
     assert json.loads((tmp_path / "out" / "records" / "poison.json").read_text())["status"] == "error"
     assert pq.read_table(tmp_path / "out" / "results.parquet").column("status").to_pylist() == ["ok", "error"]
+
+
+def test_actors_that_cannot_load_their_model_give_each_row_one_line(ray_cluster, tmp_path, caplog):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_CHECKPOINT, model)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", **ROW, "image": "start.png"}])
+    (record,) = run_batch(manifest, str(tmp_path / "out"), str(model), CONFIG)
+    assert record["error"].startswith("batch: WorkerStartError: a worker failed to load its model: fp_ray.models.ModelNotFoundError: "
+                                      "cannot load HunyuanVideoFramepackTransformer3DModel")
+    assert "\x1b" not in record["error"] and "Traceback" not in record["error"]
+    assert not [r for r in caplog.records if r.name.startswith("fp_ray") and r.exc_info]  # the command shows no traceback
