@@ -138,6 +138,10 @@ class Ingress:
         # rather than at the first request.
         asyncio.get_running_loop().call_soon(self.service.start)
 
+    async def __del__(self):
+        """Serve calls this as the replica shuts down: its renders stay unfinished, to resume."""
+        await self.service.stop()
+
 
 def parse_tokens(text: str) -> dict[str, str]:
     """"name=token,name=token" (env FP_RAY_API_TOKENS) -> {name: token}."""

@@ -323,3 +323,34 @@ def test_user_errors_never_show_stored_input_paths():
     for path in ("/srv/fp/renders/0123456789abcdef/input/clip.mp4", "/srv/" + "x" * 200 + "/renders/0123456789abcdef/input/clip.mp4"):
         message = user_error(ClipError(f"extend: {excerpt(path, 120)}: is corrupt (a frame does not decode)"))
         assert message == "extend: the upload: is corrupt (a frame does not decode)", message
+
+
+def test_a_replica_that_shuts_down_leaves_its_renders_to_resume(pools, tmp_path):
+    """A replica's shutdown (Serve calls the ingress's __del__: a redeploy, a stopped server)
+    neither fails its renders nor drops their checkpoints: they are let go unfinished, and a
+    restarted replica takes them over at once and finishes them, reusing the sections made."""
+    import asyncio
+
+    request = make_request(prompt="x", image="upload", width=64, height=48, steps=2, seconds=3.6)
+
+    async def scenario():
+        a = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path))
+        rid = await a.submit(request, (SAMPLE_IMAGE.read_bytes(), None))
+        deadline = time.monotonic() + 60
+        while not a.records.get(rid)["sections_done"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until a section is checkpointed
+        await a.stop()
+        record = a.records.get(rid)
+        assert record["status"] in ("queued", "running") and record["owner"] is None and not a.live
+        assert list((tmp_path / "sections" / rid).glob("*/section_*.safetensors"))  # the sections made stay
+        b = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path))
+        b.start()  # takes it over at once: no lease to wait out
+        while (b.records.get(rid)["status"] != "finished" or rid in b.live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert b.records.get(rid)["status"] == "finished"
+        events = [e for _, e in b.records.events(rid)]
+        assert [e["type"] for e in events].count("plan") == 2 and events[-1]["type"] == "finished"
+        assert next(e for e in reversed(events) if e["type"] == "plan")["reused"]  # resumed, not redone
+        await b.stop()
+
+    asyncio.run(scenario())
