@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
@@ -354,3 +355,57 @@ def test_a_replica_that_shuts_down_leaves_its_renders_to_resume(pools, tmp_path)
         await b.stop()
 
     asyncio.run(scenario())
+
+
+class CancelledMidChunk:
+    """A decoder worker whose chunk is cancelled while it decodes: the cancel drops the render's
+    work files, then the chunk's seam half lands in the store."""
+
+    def __init__(self, ctx, drop):
+        self.contexts = type("Contexts", (), {"get": staticmethod(lambda shared: ctx)})()
+        self.ctx, self.drop, self.calls = ctx, drop, 0
+
+    def segment(self, job):
+        from fp_ray.storage import SectionStore
+
+        self.calls += 1
+        self.drop()
+        SectionStore(self.ctx.store).save(self.ctx.request_id, self.ctx.fingerprint, job.position, torch.zeros(2), "lead")
+        return []
+
+
+def test_a_chunk_decoded_after_its_render_was_cancelled_leaves_nothing_behind(tmp_path):
+    """The Decoder deployment's code in-process: a seam half saved after the cancel dropped the
+    render's work files is removed (left, it stayed until the render was deleted); the cancel's
+    token stays, and a chunk of a cancelled render is not decoded at all."""
+    import asyncio
+    import shutil
+    from types import SimpleNamespace
+
+    from fp_ray.storage import SectionStore, write_bytes
+    from fp_ray.workers import Cancelled, SegmentJob, Shared
+    from serving.app import Decoder
+    from serving.service import CANCELLED_TOKEN, owner_location
+
+    store = SectionStore(tmp_path / "sections")
+    ctx = SimpleNamespace(store=store.root, request_id="r1", fingerprint="f" * 64)
+    token = owner_location(store, "r1")
+
+    def cancel():  # as RenderService.cancel: token revoked, work files dropped, token written again
+        write_bytes(token, CANCELLED_TOKEN.encode())
+        shutil.rmtree(tmp_path / "sections" / "r1")
+        write_bytes(token, CANCELLED_TOKEN.encode())
+
+    decoder = object.__new__(Decoder.func_or_class)
+    decoder.worker = CancelledMidChunk(ctx, cancel)
+    write_bytes(token, b"owner-a")
+    with pytest.raises(Cancelled, match="decoded after the render was cancelled"):
+        asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 3, {})))
+    assert sorted(p.name for p in (tmp_path / "sections").rglob("*") if p.is_file()) == ["owner"]
+    with pytest.raises(Cancelled, match="not decoded"):
+        asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 4, {})))
+    assert decoder.worker.calls == 1
+    decoder.worker = CancelledMidChunk(ctx, lambda: write_bytes(token, b"owner-b"))  # taken over, not cancelled
+    write_bytes(token, b"owner-a")
+    asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 5, {})))
+    assert store.load("r1", "f" * 64, 5, "lead") is not None  # the new owner's to use
