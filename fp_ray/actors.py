@@ -44,6 +44,13 @@ async def own_error(call):
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def start_error(e: BaseException) -> WorkerStartError:
+    """An actor whose constructor raised, as that error's own last line (Ray's wrapper has the
+    remote traceback, coloured)."""
+    lines = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if line.strip()]
+    return WorkerStartError(f"a worker failed to load its model: {lines[-1] if lines else type(e).__name__}")
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """How many of each actor, what each one asks the cluster for (declared here, never read
@@ -241,9 +248,8 @@ class RayPools:
             if not pending:
                 try:
                     return ray.get(refs)
-                except LOST as e:  # the constructor raised: its own error, not Ray's wrapper
-                    lines = [line.strip() for line in ANSI.sub("", str(e)).splitlines() if line.strip()]
-                    raise WorkerStartError(f"a worker failed to load its model: {lines[-1] if lines else type(e).__name__}") from e
+                except LOST as e:  # the constructor raised
+                    raise start_error(e) from e
             if notify is not None:
                 need = {k: self.config.gpus(k) for k in ("generator", "decoder", "encoder")}
                 notify(f"waiting for {len(pending)} of {len(refs)} actors to start (GPUs each: {need}, CPUs each: "

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.exceptions import ActorDiedError
 
-from .actors import PoolConfig
-from .coordinator import SectionLatents, generate_sections, render_context
+from .actors import PoolConfig, start_error
+from .coordinator import SectionLatents, WorkerLost, generate_sections, render_context
 from .encode import decode_request_images, read_request_images, request_fingerprint
 from .extend import checked_request
 from .lora import LoraRegistry
@@ -194,11 +196,12 @@ def error_record(rid: str, error: BaseException, stage: str | None = None) -> di
 
 def write_record(out: str, record: dict) -> None:
     """Written as the row ends, so a job that dies later loses no finished row. A storage
-    failure here is logged, not raised: the row's result still reaches results.parquet."""
+    failure here is logged in one line, not raised (the command's output stays one line per
+    row): the row's result still reaches results.parquet."""
     try:
         write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
-    except Exception:
-        log.exception("cannot write the record of row %s", record["id"])
+    except Exception as e:
+        log.error("cannot write the record of row %s: %s: %s", record["id"], type(e).__name__, e)
 
 
 def previous_record(out: str, rid: str, fingerprint: str) -> dict | None:
@@ -377,35 +380,58 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
                     pools.autoscaling)
     spec = pools.spec(model)
     store = store or join(out, "sections")
-    common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False)
+    # A crashed actor restarts as often as it crashes (the pool serves every row), but each
+    # row is tried at most 1 + max_restarts times: a row that crashes its worker each time
+    # (out of memory, a native crash) would otherwise be retried forever and the batch never end.
+    common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False, max_restarts=-1,
+                  max_task_retries=pools.max_restarts)
     records = {r["id"]: r["record"] for r in checked}
     todo = [{**r, "record": json.dumps(r["record"])} for r in checked if r["payload"] is not None]
     if todo:
-        rendered = (
-            ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
-            .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
-                         num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
-            .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
-                         num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-            .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
-                         num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
-            .select_columns(["id", "record"])
-        )
+        # Ray 2.60 has no named map_batches parameter for the retries: its deprecation warning
+        # for them would be the command's output
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            rendered = (
+                ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
+                .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
+                             num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
+                .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
+                             num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
+                .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
+                             num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
+                .select_columns(["id", "record"])
+            )
+        # a row whose tries are used up is dropped from the stream (one block per row), not the batch
+        rendered.context.max_errored_blocks = -1
         pending = {r["id"] for r in todo}
+        lost = WorkerLost(f"the worker running this row was lost {1 + pools.max_restarts} times (killed, out of "
+                          "memory or crashed); the other rows went on")
         try:
             for row in rendered.iter_rows():  # rows arrive as they end
                 records[row["id"]] = json.loads(row["record"])
                 pending.discard(row["id"])
         except Exception as e:
-            # The pipeline itself broke (e.g. actors that cannot start): rows already ended
-            # keep their results; the others are recorded as not rendered.
-            log.exception("the batch pipeline stopped")
-            for rid in pending:
-                records[rid] = error_record(rid, e, "batch")
-                write_record(out, records[rid])
+            # The pipeline itself broke (e.g. actors that cannot load their model): rows already
+            # ended keep their results; the others are recorded as not rendered, in one line each.
+            lost = pipeline_error(e)
+            log.error("the batch pipeline stopped: %s: %s", type(lost).__name__, str(lost).strip().split("\n")[0])
+        for rid in pending:
+            records[rid] = error_record(rid, lost, "batch")
+            write_record(out, records[rid])
     ordered = [records[r["id"]] for r in checked]
     write_results(ordered, join(out, "results.parquet"))
     return ordered
+
+
+def pipeline_error(e: Exception) -> Exception:
+    """What broke a pipeline, for its rows' records: an actor whose constructor raised (Ray
+    Data raises its ActorDiedError, or wraps it) as that constructor's error in one line."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    died = [c for c in chain if isinstance(c, ActorDiedError) and "creation task" in str(c)]
+    return start_error(died[0]) if died else e
 
 
 def write_results(records: list[dict], where: str) -> None:

@@ -428,7 +428,8 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{kind}-resource", type=resource, action="append", default=[], metavar="NAME=AMOUNT",
                        help=f"custom resource a {kind} needs, e.g. fp_{kind}=1: a GPU node type (repeatable)")
     p.add_argument("--max-restarts", type=integer_in(-1, None, "a whole number >= 0, or -1 for no limit"), default=3,
-                   help="restarts of a crashed actor, -1: no limit (default %(default)s)")
+                   help="restarts of a crashed actor, -1: no limit (default %(default)s); batch: more tries of a row "
+                        "whose worker was lost, then the row is an error record")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -557,12 +558,14 @@ def configure_output(verbose: bool) -> None:
 
 
 def quiet_ray_data(verbose: bool) -> None:
-    """Ray Data logs every pipeline's progress at INFO and draws bars; `-v` keeps them."""
+    """Ray Data logs every pipeline's progress at INFO and draws bars, and a row whose worker
+    was lost past its retries with a traceback at ERROR (fp-ray prints that row's one-line
+    record); `-v` keeps them."""
     if verbose:
         return
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

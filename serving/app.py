@@ -31,6 +31,7 @@ from fp_ray.storage import SectionStore
 from fp_ray.workers import (Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob,
                             Shared, iterate_in_thread)
 from serving.api import bind_service, make_api
+from serving.retention import remove_location
 from serving.service import CANCELLED_TOKEN, RenderService, ServiceConfig, owner_location, read_owner
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,21 @@ class Decoder:
         self.worker = DecoderWorker(spec)
 
     async def segment(self, job: SegmentJob) -> list[int]:
-        return await asyncio.to_thread(self.worker.segment, job)
+        """The segments made (see DecoderWorker.segment). A job of a cancelled render is not
+        started; one that was running when its render was cancelled removes what it saved,
+        since the cancel dropped the render's work files before this job's seam halves landed."""
+        ctx = await asyncio.to_thread(self.worker.contexts.get, job.shared)
+        store = SectionStore(ctx.store)
+        token = owner_location(store, ctx.request_id)
+        owner = await asyncio.to_thread(read_owner, token)
+        if owner == CANCELLED_TOKEN:
+            raise Cancelled(f"render {ctx.request_id}: chunk {job.position} not decoded, the render was cancelled")
+        made = await asyncio.to_thread(self.worker.segment, job)
+        # No token at the start: a render not run by the service. None at the end: its work files were dropped.
+        if owner is not None and await asyncio.to_thread(read_owner, token) in (CANCELLED_TOKEN, None):
+            await asyncio.to_thread(remove_location, store.location(ctx.request_id, ctx.fingerprint, 0).rsplit("/", 1)[0])
+            raise Cancelled(f"render {ctx.request_id}: chunk {job.position} decoded after the render was cancelled")
+        return made
 
 
 class ServePools:
@@ -137,6 +152,10 @@ class Ingress:
         # Serve builds replicas inside their event loop: take over left-over renders right away
         # rather than at the first request.
         asyncio.get_running_loop().call_soon(self.service.start)
+
+    async def __del__(self):
+        """Serve calls this as the replica shuts down: its renders stay unfinished, to resume."""
+        await self.service.stop()
 
 
 def parse_tokens(text: str) -> dict[str, str]:

@@ -139,6 +139,7 @@ class RenderService:
         # are admitted one at a time, or concurrent ones all pass the count before any is recorded.
         self._admission = asyncio.Lock()
         self._maintainer: asyncio.Task | None = None
+        self.stopping = False  # the replica shuts down: what fails now is no render's own failure
 
     # ---- artifacts: every path comes from the server-made id, never from user strings ----
 
@@ -175,6 +176,22 @@ class RenderService:
         """Once per replica (needs the running loop): keep leases, take over orphans, retention."""
         if self._maintainer is None:
             self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def stop(self) -> None:
+        """The replica shuts down (a redeploy, `serve shutdown`, a stopped server): its renders
+        stop where they are, unfinished and with their checkpoints, and are let go, so a
+        restarted or another replica takes them over at once. Left running, they failed as
+        the replica's threads went away, and their checkpoints were dropped."""
+        self.stopping = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+        renders = list(self.live.values())
+        for render in renders:
+            if render.task is not None:
+                render.task.cancel()
+        await asyncio.gather(*(r.task for r in renders if r.task is not None), return_exceptions=True)
+        for render in renders:
+            await self.db(self.records.update, render.id, render.owner, owner=None)
 
     async def _maintain(self) -> None:
         next_sweep = 0.0
@@ -295,6 +312,9 @@ class RenderService:
                 self._publish(render, {"type": "cancelled"})
             raise
         except Exception as e:  # any failure ends this render only; the user sees what, the log sees why
+            if self.stopping:  # the replica's end, not the render's: it resumes elsewhere
+                log.warning("render %s stopped with its replica: %r", rid, e)
+                return
             log.exception("render %s failed", rid)
             if ended := await self.db(self.records.update, rid, owner, status="failed", error=user_error(e), eta_s=None):
                 self.metrics.failed.inc()

@@ -238,3 +238,60 @@ def test_lora_column_paths_relative_to_the_manifest_and_missing_ones_as_row_erro
     assert [(c.name, c.weight) for c in styled.loras] == [(str(tmp_path / "loras" / "style.safetensors"), 0.8)]
     fingerprints = {checked[k]["record"]["fingerprint"] for k in ("plain", "styled", "text")}
     assert len(fingerprints) == 3
+
+
+def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caplog):
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "out" / "records" / "bad.json").mkdir(parents=True)  # where the row's record goes
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "bad", **ROW, "seconds": -1}])
+    (row,) = check_manifest(manifest, str(tmp_path / "out"), str(TINY_CHECKPOINT))
+    assert row["record"]["status"] == "error"
+    (logged,) = [r for r in caplog.records if "record of row bad" in r.getMessage()]
+    assert logged.exc_info is None and "Is a directory" in logged.getMessage()
+
+
+class KillsItsWorker:
+    """A row payload whose unpickling ends the process that reads it: a row that crashes its
+    stage's worker every time (as one that runs its node out of memory does)."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (1,)
+
+
+def test_a_row_that_keeps_killing_its_worker_ends_as_an_error_and_the_others_go_on(ray_cluster, tmp_path):
+    import dataclasses
+    import pickle
+
+    from fp_ray.batch import check_manifest
+
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    rows = [{"id": "good", **ROW, "image": "start.png", "seconds": 1}, {"id": "poison", **ROW, "image": "start.png", "seed": 1}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    out = str(tmp_path / "out")
+    checked = check_manifest(manifest, out, str(TINY_CHECKPOINT))
+    checked[1]["payload"] = pickle.dumps(KillsItsWorker())
+    config = dataclasses.replace(CONFIG, generators=(1, 1), pools=dataclasses.replace(CONFIG.pools, max_restarts=1))
+    good, poison = run_batch(manifest, out, str(TINY_CHECKPOINT), config, checked=checked)  # ends: no endless retries
+    assert good["status"] == "ok" and (tmp_path / "out" / "good.mp4").is_file()
+    assert poison["status"] == "error" and poison["error"].startswith("batch: WorkerLost: ")
+    assert "2 times" in poison["error"]  # the first try and --max-restarts 1 more
+    assert json.loads((tmp_path / "out" / "records" / "poison.json").read_text())["status"] == "error"
+    assert pq.read_table(tmp_path / "out" / "results.parquet").column("status").to_pylist() == ["ok", "error"]
+
+
+def test_actors_that_cannot_load_their_model_give_each_row_one_line(ray_cluster, tmp_path, caplog):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_CHECKPOINT, model)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", **ROW, "image": "start.png"}])
+    (record,) = run_batch(manifest, str(tmp_path / "out"), str(model), CONFIG)
+    assert record["error"].startswith("batch: WorkerStartError: a worker failed to load its model: fp_ray.models.ModelNotFoundError: "
+                                      "cannot load HunyuanVideoFramepackTransformer3DModel")
+    assert "\x1b" not in record["error"] and "Traceback" not in record["error"]
+    assert not [r for r in caplog.records if r.name.startswith("fp_ray") and r.exc_info]  # the command shows no traceback

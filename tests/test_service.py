@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from fp_ray import SAMPLE_IMAGE, TINY_CHECKPOINT
@@ -390,3 +391,88 @@ def test_bad_query_and_path_parameters_get_a_short_reason(pools, tmp_path):
                             ("/v1/renders/abc/sections/" + "9" * 5000 + ".mp4", "position: ")]:
             r = client.get(url)
             assert r.status_code == 422 and r.json()["detail"].startswith(reason) and len(r.text) < 400, r.text[:300]  # was the whole value
+
+
+def test_a_replica_that_shuts_down_leaves_its_renders_to_resume(pools, tmp_path):
+    """A replica's shutdown (Serve calls the ingress's __del__: a redeploy, a stopped server)
+    neither fails its renders nor drops their checkpoints: they are let go unfinished, and a
+    restarted replica takes them over at once and finishes them, reusing the sections made."""
+    import asyncio
+
+    request = make_request(prompt="x", image="upload", width=64, height=48, steps=2, seconds=3.6)
+
+    async def scenario():
+        a = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path))
+        rid = await a.submit(request, (SAMPLE_IMAGE.read_bytes(), None))
+        deadline = time.monotonic() + 60
+        while not a.records.get(rid)["sections_done"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until a section is checkpointed
+        await a.stop()
+        record = a.records.get(rid)
+        assert record["status"] in ("queued", "running") and record["owner"] is None and not a.live
+        assert list((tmp_path / "sections" / rid).glob("*/section_*.safetensors"))  # the sections made stay
+        b = RenderService(pools, str(TINY_CHECKPOINT), str(tmp_path))
+        b.start()  # takes it over at once: no lease to wait out
+        while (b.records.get(rid)["status"] != "finished" or rid in b.live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert b.records.get(rid)["status"] == "finished"
+        events = [e for _, e in b.records.events(rid)]
+        assert [e["type"] for e in events].count("plan") == 2 and events[-1]["type"] == "finished"
+        assert next(e for e in reversed(events) if e["type"] == "plan")["reused"]  # resumed, not redone
+        await b.stop()
+
+    asyncio.run(scenario())
+
+
+class CancelledMidChunk:
+    """A decoder worker whose chunk is cancelled while it decodes: the cancel drops the render's
+    work files, then the chunk's seam half lands in the store."""
+
+    def __init__(self, ctx, drop):
+        self.contexts = type("Contexts", (), {"get": staticmethod(lambda shared: ctx)})()
+        self.ctx, self.drop, self.calls = ctx, drop, 0
+
+    def segment(self, job):
+        from fp_ray.storage import SectionStore
+
+        self.calls += 1
+        self.drop()
+        SectionStore(self.ctx.store).save(self.ctx.request_id, self.ctx.fingerprint, job.position, torch.zeros(2), "lead")
+        return []
+
+
+def test_a_chunk_decoded_after_its_render_was_cancelled_leaves_nothing_behind(tmp_path):
+    """The Decoder deployment's code in-process: a seam half saved after the cancel dropped the
+    render's work files is removed (left, it stayed until the render was deleted); the cancel's
+    token stays, and a chunk of a cancelled render is not decoded at all."""
+    import asyncio
+    import shutil
+    from types import SimpleNamespace
+
+    from fp_ray.storage import SectionStore, write_bytes
+    from fp_ray.workers import Cancelled, SegmentJob, Shared
+    from serving.app import Decoder
+    from serving.service import CANCELLED_TOKEN, owner_location
+
+    store = SectionStore(tmp_path / "sections")
+    ctx = SimpleNamespace(store=store.root, request_id="r1", fingerprint="f" * 64)
+    token = owner_location(store, "r1")
+
+    def cancel():  # as RenderService.cancel: token revoked, work files dropped, token written again
+        write_bytes(token, CANCELLED_TOKEN.encode())
+        shutil.rmtree(tmp_path / "sections" / "r1")
+        write_bytes(token, CANCELLED_TOKEN.encode())
+
+    decoder = object.__new__(Decoder.func_or_class)
+    decoder.worker = CancelledMidChunk(ctx, cancel)
+    write_bytes(token, b"owner-a")
+    with pytest.raises(Cancelled, match="decoded after the render was cancelled"):
+        asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 3, {})))
+    assert sorted(p.name for p in (tmp_path / "sections").rglob("*") if p.is_file()) == ["owner"]
+    with pytest.raises(Cancelled, match="not decoded"):
+        asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 4, {})))
+    assert decoder.worker.calls == 1
+    decoder.worker = CancelledMidChunk(ctx, lambda: write_bytes(token, b"owner-b"))  # taken over, not cancelled
+    write_bytes(token, b"owner-a")
+    asyncio.run(decoder.segment(SegmentJob(Shared("k", None), 5, {})))
+    assert store.load("r1", "f" * 64, 5, "lead") is not None  # the new owner's to use
