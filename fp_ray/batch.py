@@ -204,15 +204,19 @@ def write_record(out: str, record: dict) -> None:
         log.error("cannot write the record of row %s: %s: %s", record["id"], type(e).__name__, e)
 
 
-def previous_record(out: str, rid: str, fingerprint: str) -> dict | None:
-    """The record of an earlier run that rendered this very row, if its video still exists."""
+def previous_record(out: str, rid: str) -> dict | None:
+    """The record an earlier run wrote for this row id, if any."""
     try:
         record = json.loads(read_bytes(record_location(out, rid)))
     except (FileNotFoundError, ValueError):
         return None
-    if record.get("status") == "ok" and record.get("fingerprint") == fingerprint and exists(record["output"]):
-        return {**record, "reused": True}
-    return None
+    return record if isinstance(record, dict) else None
+
+
+def rendered(record: dict | None, fingerprint: str | None = None) -> bool:
+    """Whether `record` is of a row rendered (with this fingerprint, when given) whose video still exists."""
+    return (record is not None and record.get("status") == "ok" and isinstance(record.get("output"), str)
+            and fingerprint in (None, record.get("fingerprint")) and exists(record["output"]))
 
 
 def _rows(batch: pd.DataFrame) -> list[dict]:
@@ -238,12 +242,15 @@ def check_row(row: dict, out: str, base: str, model: str, identity: dict) -> dic
         if request.extend:  # the clip's size and fps become the row's; its bytes part of the fingerprint
             request, clip_sha256 = checked_request(request)
         fp = request_fingerprint(request, images, LoraRegistry().resolve(request.loras), clip_sha256, identity)
-        earlier = previous_record(out, rid, fp)
+        earlier = previous_record(out, rid)
+        if rendered(earlier, fp):
+            return {"id": rid, "record": {**earlier, "reused": True}, "payload": None}
+        # rendered before as another render: other fields or images, another model, or an fp-ray
+        # whose output revision differs (the command says why a finished row renders again)
+        again = rendered(earlier)
     except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
-    if earlier is not None:
-        return {"id": rid, "record": earlier, "payload": None}
-    return {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request)}
+    return {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request), "again": again}
 
 
 # ---- the three stages (Ray Data actor classes) ---------------------------------------------
@@ -386,7 +393,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False, max_restarts=-1,
                   max_task_retries=pools.max_restarts)
     records = {r["id"]: r["record"] for r in checked}
-    todo = [{**r, "record": json.dumps(r["record"])} for r in checked if r["payload"] is not None]
+    todo = [{"id": r["id"], "record": json.dumps(r["record"]), "payload": r["payload"]} for r in checked if r["payload"] is not None]
     if todo:
         # Ray 2.60 has no named map_batches parameter for the retries: its deprecation warning
         # for them would be the command's output

@@ -477,7 +477,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for r in records:
         if r["status"] == "error":
             print(f"{r['id']}: {r['error']}")
-    print(f"{len(ok) - len(reused)} rendered, {len(reused)} already done, {len(records) - len(ok)} failed; "
+    again = {r["id"] for r in checked if r.get("again")}
+    again_ok = sum(1 for r in ok if r["id"] in again and not r["reused"])
+    why = f" ({again_ok} again: their fields, images or model, or fp-ray's output revision, changed)" if again_ok else ""
+    print(f"{len(ok) - len(reused)} rendered{why}, {len(reused)} already done, {len(records) - len(ok)} failed; "
           f"results in {args.out.rstrip('/')}/results.parquet")
     return 1 if len(ok) < len(records) else 0  # a job runner sees that rows failed
 

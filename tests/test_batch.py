@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv
@@ -238,6 +239,30 @@ def test_lora_column_paths_relative_to_the_manifest_and_missing_ones_as_row_erro
     assert [(c.name, c.weight) for c in styled.loras] == [(str(tmp_path / "loras" / "style.safetensors"), 0.8)]
     fingerprints = {checked[k]["record"]["fingerprint"] for k in ("plain", "styled", "text")}
     assert len(fingerprints) == 3
+
+
+def test_a_finished_row_rendered_as_another_render_is_said_to_render_again(tmp_path):
+    """A row whose earlier record is ok but of another fingerprint (other fields or images, a
+    new model or output revision) renders again, and the check says so; one with the same
+    fingerprint is reused; one whose video is gone renders, not 'again'; a garbled record counts
+    as none."""
+    from fp_ray.batch import check_manifest, record_location
+
+    out = tmp_path / "out"
+    rows = [{"id": k, **ROW} for k in ("changed", "same", "gone", "garbled")]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    fingerprint = check_manifest(manifest, str(out), str(TINY_CHECKPOINT))[0]["record"]["fingerprint"]
+    (out / "records").mkdir(parents=True)
+    for rid, fp in (("changed", "0" * 64), ("same", fingerprint), ("gone", fingerprint)):
+        video = out / f"{rid}.mp4"
+        video.write_bytes(b"mp4") if rid != "gone" else None
+        Path(record_location(str(out), rid)).write_text(json.dumps({"id": rid, "status": "ok", "fingerprint": fp, "output": str(video)}))
+    Path(record_location(str(out), "garbled")).write_text("[1, 2]")
+    checked = {r["id"]: r for r in check_manifest(manifest, str(out), str(TINY_CHECKPOINT))}
+    assert checked["same"]["payload"] is None and checked["same"]["record"]["reused"]
+    assert checked["changed"]["payload"] is not None and checked["changed"]["again"]
+    assert checked["gone"]["payload"] is not None and not checked["gone"]["again"]
+    assert checked["garbled"]["payload"] is not None and not checked["garbled"]["again"]
 
 
 def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caplog):
