@@ -305,6 +305,12 @@ def cmd_render(args: argparse.Namespace) -> None:
     print(f"wrote {result.path}: {result.frames} frames, {result.plan.num_sections} sections in {startup + t['total']:.1f} s = "
           f"start-up {startup:.1f} + encode {t['encode']:.1f} + generate {t['generate']:.1f} + decode {t['decode']:.1f} "
           f"+ write {t['write']:.1f} s (decoding also ran {t['decode_overlap']:.1f} s alongside generation)")
+    if args.store:
+        folders, size = SectionStore(args.store).others(result.request_id, result.fingerprint)
+        if folders:
+            where = f"{args.store.rstrip('/')}/{result.request_id}/"
+            note(f"{where} also holds {len(folders)} other render{'s' * (len(folders) > 1)} of this id ({size / 1e6:.1f} MB), "
+                 f"kept for a rerun of those settings: delete every folder there but {result.fingerprint[:16]}/ to free it")
 
 
 def _first_existing(path: Path) -> Path:

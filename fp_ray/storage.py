@@ -336,6 +336,26 @@ class SectionStore:
         seal = SEAL_TAG + _digest(body, fingerprint, position, "segment").hex().encode()
         return data if trailer == struct.pack(">I4s", SEAL_SIZE, b"free") + seal else None
 
+    def others(self, request_id: str, fingerprint: str) -> tuple[list[str], int]:
+        """The folders of this id's other renders (another fingerprint: other settings or
+        images, another model or output revision) and their bytes, which nothing reads again
+        unless that render is asked for again: (folder names, total size)."""
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(join(self.root, request_id))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except OSError:
+            return [], 0
+        mine = fingerprint[:16]
+        others: dict[str, int] = {}
+        for info in infos:
+            folder, _, rest = info.path[len(path):].lstrip("/").partition("/")
+            if folder != mine and (rest or info.type == pafs.FileType.Directory):
+                size = (info.size or 0) if info.type == pafs.FileType.File else 0
+                others[folder] = others.get(folder, 0) + size
+        return sorted(others), sum(others.values())
+
     def remove_orphans(self, request_id: str, fingerprint: str) -> None:
         """Temporary files a killed writer left in a render's local folder (object stores have none)."""
         folder = Path(self.location(request_id, fingerprint, 0)).parent

@@ -427,3 +427,19 @@ def test_ray_start_up_logs_stay_quiet_without_v(monkeypatch):
     logging.getLogger("ray").setLevel(logging.INFO)  # what `import ray` does when it comes after
     cli.connect(None)
     assert seen["logging_level"] == logging.ERROR and seen["log_to_driver"] is False
+
+
+def test_a_store_holding_other_renders_of_the_id_says_so(tmp_path, capsys):
+    """Other settings under the same --id keep the earlier render's folder (a rerun of those
+    settings reuses it): the command says how much it holds and which folder is the new one."""
+    store = tmp_path / "store"
+    args = ["render", *FAST, "--seconds", "0.8", "--window", "2", "--id", "r", "--store", str(store), "--out", str(tmp_path / "v.mp4")]
+    assert main([*args, "--seed", "1"]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert main([*args, "--seed", "2"]) == 0
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "other render" in l]
+    folders = sorted(p.name for p in (store / "r").iterdir())
+    (kept,) = [f for f in folders if f"but {f}/" in line]
+    (other,) = set(folders) - {kept}
+    size = sum(p.stat().st_size for p in (store / "r" / other).iterdir())
+    assert f"{store}/r/ also holds 1 other render of this id ({size / 1e6:.1f} MB)" in line
