@@ -32,7 +32,7 @@ from .placement import PlacementError
 from .request import RenderRequest, RequestError, excerpt, make_request, parse_size
 from .schedule import SCHEDULES
 from .speed import CACHE_METHODS, FAST_CACHE_THRESHOLD, SpeedOptionError, SpeedOptions
-from .storage import StorageError, is_uri
+from .storage import StorageError, is_uri, read_bytes
 from .workers import SectionOutOfMemory, WorkerStartError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -523,12 +523,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     token = args.token
     if args.token_file:  # a file, so the token does not show in `ps`
-        if Path(args.token_file).exists() and not Path(args.token_file).is_file():  # a fifo would wait for a writer forever
-            raise CliError(f"--token-file: cannot read {args.token_file}: not a regular file")
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise CliError(f"--token-file: cannot read {args.token_file}: {e.strerror}") from None
+        try:  # capped reads take regular files only: a fifo would wait for a writer forever
+            token = read_bytes(Path(args.token_file).expanduser(), limit=1 << 16).decode().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--token-file: cannot read {args.token_file}: {getattr(e, 'strerror', None) or e}") from None
     ModelSources.resolve(args.model)
     loras = LoraRegistry.from_config(",".join(args.lora)).locations  # checked before Ray starts
     connect(args.address)
