@@ -73,6 +73,9 @@ class BatchConfig:
     pools: PoolConfig = field(default_factory=PoolConfig)
     encoder_cpus: float = 0.5
     decoder_cpus: float = 0.5
+    # A row's section checkpoints (latents, segments, seam pixels: over 2 GB for a 10-minute
+    # video at 640x640) are removed once its video and record are written; True keeps them.
+    keep_sections: bool = False
 
 
 # ---- manifest rows -> requests -------------------------------------------------------
@@ -250,7 +253,10 @@ def check_row(row: dict, out: str, base: str, model: str, identity: dict) -> dic
         again = rendered(earlier)
     except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
-    return {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request), "again": again}
+    row = {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request), "again": again}
+    if again and isinstance(earlier.get("fingerprint"), str):
+        row["replaces"] = earlier["fingerprint"]  # the earlier render's checkpoints, if a batch kept them
+    return row
 
 
 # ---- the three stages (Ray Data actor classes) ---------------------------------------------
@@ -323,17 +329,25 @@ class DecodeStage(RowStage):
 
     name = "decode"
 
-    def __init__(self, spec: ModelSpec, out: str):
+    def __init__(self, spec: ModelSpec, out: str, keep_sections: bool = False):
         self.pools = LocalPools(decoder=DecoderWorker(spec))
-        self.out = out
+        self.out, self.keep_sections = out, keep_sections
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         ctx = pickle.loads(payload)
+        earlier = previous_record(self.out, rid)
+        if rendered(earlier, ctx.fingerprint):
+            # this row's try ended after its record but before its result came back (its
+            # worker lost): the video is whole and its checkpoints may be gone already
+            return {"id": rid, "record": earlier}
         done = SectionLatents.stored(ctx, range(ctx.plan.num_sections), check=False)
         output, timings, frames = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
         record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
                       decode_s=timings["decode"], write_s=timings["write"])
-        return self.ended(record)
+        row = self.ended(record)
+        if not self.keep_sections:
+            drop_sections(SectionStore(ctx.store), rid, ctx.fingerprint)
+        return row
 
     async def _finish(self, ctx: RenderContext, done: dict, where: str):
         return await finish_video(ctx, await self.pools.share(ctx), self.pools, done, where)
@@ -341,6 +355,15 @@ class DecodeStage(RowStage):
     def ended(self, record: dict) -> dict:
         write_record(self.out, record)
         return {"id": record["id"], "record": record}
+
+
+def drop_sections(store: SectionStore, rid: str, fingerprint: str) -> None:
+    """Remove a rendered row's checkpoints; one that cannot be removed is logged in one line
+    (the row is rendered all the same)."""
+    try:
+        store.remove(rid, fingerprint)
+    except Exception as e:
+        log.error("cannot remove the checkpoints of row %s in %s: %s: %s", rid, store.root, type(e).__name__, e)
 
 
 # ---- the job ----------------------------------------------------------------------------
@@ -393,6 +416,12 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
     common = dict(batch_size=1, batch_format="pandas", zero_copy_batch=False, max_restarts=-1,
                   max_task_retries=pools.max_restarts)
     records = {r["id"]: r["record"] for r in checked}
+    if not config.keep_sections:
+        # a row that renders again as another render: its video is replaced, and nothing reads
+        # the earlier render's checkpoints
+        for r in checked:
+            if r.get("replaces") and r["replaces"][:16] != r["record"]["fingerprint"][:16]:
+                drop_sections(SectionStore(store), r["id"], r["replaces"])
     todo = [{"id": r["id"], "record": json.dumps(r["record"]), "payload": r["payload"]} for r in checked if r["payload"] is not None]
     if todo:
         # Ray 2.60 has no named map_batches parameter for the retries: its deprecation warning
@@ -405,7 +434,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
                              num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
                 .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
                              num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-                .map_batches(DecodeStage, fn_constructor_args=(spec, out), compute=_pool(config.decoders),
+                .map_batches(DecodeStage, fn_constructor_args=(spec, out, config.keep_sections), compute=_pool(config.decoders),
                              num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
                 .select_columns(["id", "record"])
             )

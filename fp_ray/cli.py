@@ -476,7 +476,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     connect(args.address)
     quiet_ray_data(args.verbose)
-    config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args))
+    config = BatchConfig(encoders=args.encoders, generators=args.generators, decoders=args.decoders, pools=pool_config(args),
+                         keep_sections=args.keep_sections)
     records = run_batch(args.manifest, args.out, args.model, config, store=args.store, checked=checked)
     ok = [r for r in records if r["status"] == "ok"]
     reused = [r for r in ok if r["reused"]]
@@ -599,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p_batch.add_argument("--out", required=True, help="folder or URI for {id}.mp4, records/ and results.parquet")
     p_batch.add_argument("--model", default=RenderRequest.model_fields["model"].default, help="checkpoint (default: tiny)")
     p_batch.add_argument("--store", help="section checkpoints (default: OUT/sections)")
+    p_batch.add_argument("--keep-sections", action="store_true",
+                         help="keep each row's checkpoints once its video is written (default: removed; a 10-minute 640x640 video's are over 2 GB)")
     add_load_args(p_batch)
     add_pool_args(p_batch)
     add_speed_args(p_batch)

@@ -267,6 +267,15 @@ def delete(location: str | os.PathLike) -> None:
         fs.delete_file(path)
 
 
+def remove_tree(location: str) -> None:
+    """Remove a folder (local path or storage URI) and everything under it, if it exists."""
+    fs, path = filesystem(location)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a local file, read in chunks (a clip to extend may be gigabytes)."""
     h = hashlib.sha256()
@@ -292,12 +301,24 @@ class SectionStore:
         if is_uri(self.root):
             filesystem(self.root)  # fail early on an unusable URI
 
-    def location(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> str:
-        """kind: section (latents), segment (mp4), lead or tail (seam pixels)."""
+    def folder(self, request_id: str, fingerprint: str) -> str:
+        """Where one render's checkpoints live: one folder per id and fingerprint."""
         if not SAFE_ID.match(request_id):
             raise StorageError(f"request id {request_id!r} is not a safe name ([A-Za-z0-9._-], 1-128 chars)")
+        return join(self.root, request_id, fingerprint[:16])
+
+    def location(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> str:
+        """kind: section (latents), segment (mp4), lead or tail (seam pixels)."""
         suffix = "mp4" if kind == "segment" else "safetensors"
-        return join(self.root, request_id, fingerprint[:16], f"{kind}_{position:03d}.{suffix}")
+        return join(self.folder(request_id, fingerprint), f"{kind}_{position:03d}.{suffix}")
+
+    def remove(self, request_id: str, fingerprint: str) -> None:
+        """Drop one render's checkpoints (its video is written; nothing reads them again), and
+        its id's local folder once that is empty (object stores have no empty folders)."""
+        remove_tree(self.folder(request_id, fingerprint))
+        if not is_uri(self.root):
+            with contextlib.suppress(OSError):  # another render's folder is still in it
+                Path(self.root, request_id).rmdir()
 
     def save(self, request_id: str, fingerprint: str, position: int, latents: torch.Tensor, kind: str = "section") -> str:
         where = self.location(request_id, fingerprint, position, kind)
@@ -358,7 +379,7 @@ class SectionStore:
 
     def remove_orphans(self, request_id: str, fingerprint: str) -> None:
         """Temporary files a killed writer left in a render's local folder (object stores have none)."""
-        folder = Path(self.location(request_id, fingerprint, 0)).parent
+        folder = Path(self.folder(request_id, fingerprint))
         if not is_uri(self.root) and folder.is_dir():
             remove_orphans(folder, ".", ".tmp")
 

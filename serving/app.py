@@ -31,7 +31,6 @@ from fp_ray.storage import SectionStore
 from fp_ray.workers import (Cancelled, DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext, SectionJob, SegmentJob,
                             Shared, iterate_in_thread)
 from serving.api import bind_service, make_api
-from serving.retention import remove_location
 from serving.service import CANCELLED_TOKEN, RenderService, ServiceConfig, owner_location, read_owner
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class Decoder:
         made = await asyncio.to_thread(self.worker.segment, job)
         # No token at the start: a render not run by the service. None at the end: its work files were dropped.
         if owner is not None and await asyncio.to_thread(read_owner, token) in (CANCELLED_TOKEN, None):
-            await asyncio.to_thread(remove_location, store.location(ctx.request_id, ctx.fingerprint, 0).rsplit("/", 1)[0])
+            await asyncio.to_thread(store.remove, ctx.request_id, ctx.fingerprint)
             raise Cancelled(f"render {ctx.request_id}: chunk {job.position} decoded after the render was cancelled")
         return made
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fp_ray.storage import filesystem, join
+from fp_ray.storage import join, remove_tree
 
 if TYPE_CHECKING:
     from serving.service import RenderService
@@ -31,15 +31,6 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
-def remove_location(location: str) -> None:
-    """Remove a folder (local path or storage URI) and everything under it, if it exists."""
-    fs, path = filesystem(location)
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-
-
 class Retention:
     def __init__(self, service: RenderService, days: float | None, gb: float | None):
         self.service, self.days, self.gb = service, days, gb
@@ -48,7 +39,7 @@ class Retention:
         """An ended render needs neither its inputs nor its checkpoints any more."""
         svc = self.service
         await asyncio.to_thread(shutil.rmtree, svc.folder(rid) / "input", True)
-        await asyncio.to_thread(remove_location, join(svc.store.root, rid))
+        await asyncio.to_thread(remove_tree, join(svc.store.root, rid))
 
     async def remove(self, rid: str) -> None:
         """Every file of an ended render, then its record."""

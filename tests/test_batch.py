@@ -3,6 +3,7 @@ malformed rows as error records, re-runs that render nothing new, same bytes as 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -94,6 +95,15 @@ def test_results_parquet_has_a_row_per_manifest_row(batch_run):
     assert table.to_pylist() == second
 
 
+def test_a_rendered_row_leaves_no_checkpoints(batch_run):
+    """Once a row's video and record are written its checkpoints go (over 2 GB for a 10-minute
+    video); a row that failed keeps its own, for the run that tries it again."""
+    _, out, _, _, _, _ = batch_run
+    assert {p.name for p in (out / "sections").iterdir()} == {"blocked-checkpoint", "blocked-output"}
+    (kept,) = (out / "sections" / "blocked-output").iterdir()
+    assert (kept / "section_000.safetensors").is_file()
+
+
 def test_rerun_renders_nothing_new(batch_run):
     _, out, _, first, second, mtimes = batch_run
     assert [r["reused"] for r in second if r["status"] == "ok"] == [True] * 8
@@ -117,10 +127,42 @@ def test_batch_video_is_byte_identical_to_local(batch_run, components, tmp_path)
 
 
 def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):
-    tmp, out, rows, _, _, _ = batch_run
-    manifest = write_jsonl(tmp_path / "changed.jsonl", [{**rows[0], "image": str(tmp / "start.png"), "seed": 99}])
-    (record,) = run_batch(manifest, str(out), str(TINY_CHECKPOINT), CONFIG)
-    assert record["status"] == "ok" and not record["reused"]
+    """A changed row renders again; the checkpoints an earlier batch kept (--keep-sections) of
+    its former render go with the new render's own."""
+    tmp, _, rows, _, _, _ = batch_run
+    out, row = tmp_path / "out", {**rows[0], "image": str(tmp / "start.png")}
+    first = run_batch(write_jsonl(tmp_path / "m.jsonl", [row]), str(out), str(TINY_CHECKPOINT),
+                      dataclasses.replace(CONFIG, keep_sections=True))[0]
+    kept = out / "sections" / row["id"] / first["fingerprint"][:16]
+    assert first["status"] == "ok" and (kept / "section_000.safetensors").is_file() and (kept / "segment_000.mp4").is_file()
+    (record,) = run_batch(write_jsonl(tmp_path / "changed.jsonl", [{**row, "seed": 99}]), str(out), str(TINY_CHECKPOINT), CONFIG)
+    assert record["status"] == "ok" and not record["reused"] and record["fingerprint"] != first["fingerprint"]
+    assert not (out / "sections" / row["id"]).exists()
+
+
+def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
+    """A decode stage whose worker was lost after the row's record was written (its
+    checkpoints already gone) is tried again: it returns the written record instead of
+    failing on the missing sections and overwriting it."""
+    import pickle
+
+    from fp_ray.batch import DecodeStage, EncodeStage, GenerateStage, check_manifest
+
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    out, store = tmp_path / "out", str(tmp_path / "out" / "sections")
+    (row,) = check_manifest(write_jsonl(tmp_path / "m.jsonl", [{"id": "one", **ROW, "image": "start.png"}]), str(out), str(TINY_CHECKPOINT))
+    spec = CONFIG.pools.spec(str(TINY_CHECKPOINT))
+    row = {"id": "one", "record": json.dumps(row["record"]), "payload": row["payload"]}
+    for stage in (EncodeStage(spec), GenerateStage(spec, store)):
+        row = {**(made := stage.run(row)), "record": json.dumps(made["record"])}
+    decode = DecodeStage(spec, str(out))
+    first = decode.run(row)["record"]
+    assert first["status"] == "ok" and not (out / "sections" / "one").exists()
+    video = (out / "one.mp4").read_bytes()
+    again = decode.run(row)["record"]
+    assert again == first and json.loads((out / "records" / "one.json").read_text()) == first
+    assert (out / "one.mp4").read_bytes() == video
+    assert pickle.loads(row["payload"]).fingerprint == first["fingerprint"]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -287,7 +329,6 @@ class KillsItsWorker:
 
 
 def test_a_row_that_keeps_killing_its_worker_ends_as_an_error_and_the_others_go_on(ray_cluster, tmp_path):
-    import dataclasses
     import pickle
 
     from fp_ray.batch import check_manifest
