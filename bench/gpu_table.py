@@ -44,7 +44,8 @@ def render(results: dict) -> str:
     for other in meta["sizes"][1:]:
         o_stock = fwd("forward_eager", other, "stock")
         # exact mode compiled: only a compiled forward at this size stands for it
-        o_exact = fwd("compile_other_sizes", other) or (None if fwd("compile", size) else fwd("forward_eager", other, "trimmed"))
+        compiled = fwd("compile_other_sizes", other)
+        o_exact = compiled or (None if fwd("compile", size) else fwd("forward_eager", other, "trimmed"))
         o_fast = fwd("fp8_other_sizes", other)
         rows.append(("forward, " + other, _s(o_stock), _s(o_exact) + _ratio(o_stock, o_exact), _s(o_fast) + _ratio(o_stock, o_fast)))
     # a section's generation with nothing decoding beside it: the reference decodes between
@@ -61,9 +62,9 @@ def render(results: dict) -> str:
     rows += [
         (f"section ({meta['steps']} steps, nothing decoding beside it)", _s(sec[0]), _s(sec[1]) + _ratio(sec[0], sec[1]), _s(sec[2]) + _ratio(sec[0], sec[2])),
         ("decode per chunk (mean; fp-ray overlapped with generation)", _s(dec[0]), _s(dec[1]), _s(dec[2])),
-        ("per section of a long video, one GPU (the section + a full chunk's decode)",
+        ("per section of a long video, one GPU, projected (the section + a full chunk's decode)",
          *(_s(v) + ("" if i == 0 else _ratio(one_gpu[0], v)) for i, v in enumerate(one_gpu))),
-        ("per section of a long video, fp-ray's decoders on other GPUs (the section alone)",
+        ("per section of a long video, fp-ray's decoders on other GPUs, projected (the section alone)",
          _s(one_gpu[0]) + " (one GPU)", _s(sec[1]) + _ratio(one_gpu[0], sec[1]), _s(sec[2]) + _ratio(one_gpu[0], sec[2])),
         (f"end to end, {meta['sections']} sections", _s(tot[0]), _s(tot[1]) + _ratio(tot[0], tot[1]), _s(tot[2]) + _ratio(tot[0], tot[2])),
         ("peak GPU memory", *(_s(p.get("peak_gib"), "{:.1f} GiB") for p in (ref, exact, fast))),

@@ -197,21 +197,24 @@ def error_record(rid: str, error: BaseException, stage: str | None = None) -> di
     return new_record(rid, status="error", error=f"{where}{type(error).__name__}: {reason}")
 
 
-def write_record(out: str, record: dict) -> None:
+def write_record(out: str, record: dict) -> bool:
     """Written as the row ends, so a job that dies later loses no finished row. A storage
     failure here is logged in one line, not raised (the command's output stays one line per
-    row): the row's result still reaches results.parquet."""
+    row): the row's result still reaches results.parquet. Returns whether it was written."""
     try:
         write_bytes(record_location(out, record["id"]), json.dumps(record).encode())
+        return True
     except Exception as e:
         log.error("cannot write the record of row %s: %s: %s", record["id"], type(e).__name__, e)
+        return False
 
 
 def previous_record(out: str, rid: str) -> dict | None:
-    """The record an earlier run wrote for this row id, if any."""
+    """The record an earlier run wrote for this row id, if any (one that cannot be read counts
+    as none: the row renders)."""
     try:
         record = json.loads(read_bytes(record_location(out, rid)))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
 
@@ -254,8 +257,11 @@ def check_row(row: dict, out: str, base: str, model: str, identity: dict) -> dic
     except Exception as e:
         return {"id": rid, "record": error_record(rid, e), "payload": None}
     row = {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request), "again": again}
-    if again and isinstance(earlier.get("fingerprint"), str):
-        row["replaces"] = earlier["fingerprint"]  # the earlier render's checkpoints, if a batch kept them
+    former = earlier.get("fingerprint") if earlier else None
+    if isinstance(former, str) and former != fp:
+        # an earlier run's render of this row as another render (finished or failed): its
+        # checkpoints, if it left any, serve no run of this row any more
+        row["replaces"] = former
     return row
 
 
@@ -280,7 +286,8 @@ class RowStage(ABC):
             return self.process(row["id"], record, row["payload"])
         except Exception as e:
             log.exception("row %s failed in the %s stage", row["id"], self.name)
-            return self.ended(error_record(row["id"], e, self.name))
+            # the fingerprint stays: the render whose checkpoints a later run resumes or removes
+            return self.ended({**error_record(row["id"], e, self.name), "fingerprint": record.get("fingerprint")})
 
     @abstractmethod
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
@@ -337,22 +344,28 @@ class DecodeStage(RowStage):
         ctx = pickle.loads(payload)
         earlier = previous_record(self.out, rid)
         if rendered(earlier, ctx.fingerprint):
-            # this row's try ended after its record but before its result came back (its
-            # worker lost): the video is whole and its checkpoints may be gone already
-            return {"id": rid, "record": earlier}
-        done = SectionLatents.stored(ctx, range(ctx.plan.num_sections), check=False)
-        output, timings, frames = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
-        record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
-                      decode_s=timings["decode"], write_s=timings["write"])
-        row = self.ended(record)
-        if not self.keep_sections:
+            # an earlier try of this row ended after its record but before its result came
+            # back (its worker lost): the video is whole, its checkpoints may be gone already
+            written = True
+        else:
+            done = SectionLatents.stored(ctx, range(ctx.plan.num_sections), check=False)
+            output, timings, frames = asyncio.run(self._finish(ctx, done, video_location(self.out, rid)))
+            record.update(output=output, seconds=frames / ctx.request.fps, frames=frames, sections=ctx.plan.num_sections,
+                          decode_s=timings["decode"], write_s=timings["write"])
+            earlier, written = record, write_record(self.out, record)
+        if written and not self.keep_sections:  # without its record, a rerun would render the row again
             drop_sections(SectionStore(ctx.store), rid, ctx.fingerprint)
-        return row
+        return {"id": rid, "record": earlier}
 
     async def _finish(self, ctx: RenderContext, done: dict, where: str):
         return await finish_video(ctx, await self.pools.share(ctx), self.pools, done, where)
 
     def ended(self, record: dict) -> dict:
+        earlier = previous_record(self.out, record["id"]) if record["status"] == "error" and record.get("fingerprint") else None
+        if rendered(earlier, record.get("fingerprint")):
+            # another run of this very render (a second batch on this out) finished it, and
+            # removed the checkpoints this one failed on: its video and record stand
+            return {"id": record["id"], "record": earlier}
         write_record(self.out, record)
         return {"id": record["id"], "record": record}
 
@@ -362,7 +375,7 @@ def drop_sections(store: SectionStore, rid: str, fingerprint: str) -> None:
     (the row is rendered all the same)."""
     try:
         store.remove(rid, fingerprint)
-    except Exception as e:
+    except OSError as e:  # StorageError too
         log.error("cannot remove the checkpoints of row %s in %s: %s: %s", rid, store.root, type(e).__name__, e)
 
 
@@ -417,11 +430,10 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
                   max_task_retries=pools.max_restarts)
     records = {r["id"]: r["record"] for r in checked}
     if not config.keep_sections:
-        # a row that renders again as another render: its video is replaced, and nothing reads
-        # the earlier render's checkpoints
+        sections = SectionStore(store)
         for r in checked:
-            if r.get("replaces") and r["replaces"][:16] != r["record"]["fingerprint"][:16]:
-                drop_sections(SectionStore(store), r["id"], r["replaces"])
+            if r.get("replaces") and sections.folder(r["id"], r["replaces"]) != sections.folder(r["id"], r["record"]["fingerprint"]):
+                drop_sections(sections, r["id"], r["replaces"])
     todo = [{"id": r["id"], "record": json.dumps(r["record"]), "payload": r["payload"]} for r in checked if r["payload"] is not None]
     if todo:
         # Ray 2.60 has no named map_batches parameter for the retries: its deprecation warning

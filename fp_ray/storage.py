@@ -313,8 +313,9 @@ class SectionStore:
         return join(self.folder(request_id, fingerprint), f"{kind}_{position:03d}.{suffix}")
 
     def remove(self, request_id: str, fingerprint: str) -> None:
-        """Drop one render's checkpoints (its video is written; nothing reads them again), and
-        its id's local folder once that is empty (object stores have no empty folders)."""
+        """Drop one render's checkpoints (its video written, or the render cancelled: nothing
+        reads them again), and its id's local folder once that is empty (object stores have no
+        empty folders)."""
         remove_tree(self.folder(request_id, fingerprint))
         if not is_uri(self.root):
             with contextlib.suppress(OSError):  # another render's folder is still in it

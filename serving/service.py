@@ -192,6 +192,8 @@ class RenderService:
         await asyncio.gather(*(r.task for r in renders if r.task is not None), return_exceptions=True)
         for render in renders:
             await self.db(self.records.update, render.id, render.owner, owner=None)
+        # the events and records queued for the database (db_later) land before the replica goes
+        await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     async def _maintain(self) -> None:
         next_sweep = 0.0

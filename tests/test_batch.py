@@ -143,26 +143,35 @@ def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):
 def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
     """A decode stage whose worker was lost after the row's record was written (its
     checkpoints already gone) is tried again: it returns the written record instead of
-    failing on the missing sections and overwriting it."""
-    import pickle
-
-    from fp_ray.batch import DecodeStage, EncodeStage, GenerateStage, check_manifest
+    failing on the missing sections and overwriting it. Another run of the same render that
+    fails (a second batch on this out, its checkpoints removed under it) leaves that record
+    too. A row whose record could not be written keeps its checkpoints (a rerun resumes)."""
+    from fp_ray.batch import DecodeStage, EncodeStage, GenerateStage, check_manifest, error_record
 
     (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
     out, store = tmp_path / "out", str(tmp_path / "out" / "sections")
-    (row,) = check_manifest(write_jsonl(tmp_path / "m.jsonl", [{"id": "one", **ROW, "image": "start.png"}]), str(out), str(TINY_CHECKPOINT))
+    rows = [{"id": rid, **ROW, "image": "start.png"} for rid in ("one", "two")]
+    checked = check_manifest(write_jsonl(tmp_path / "m.jsonl", rows), str(out), str(TINY_CHECKPOINT))
     spec = CONFIG.pools.spec(str(TINY_CHECKPOINT))
-    row = {"id": "one", "record": json.dumps(row["record"]), "payload": row["payload"]}
-    for stage in (EncodeStage(spec), GenerateStage(spec, store)):
-        row = {**(made := stage.run(row)), "record": json.dumps(made["record"])}
-    decode = DecodeStage(spec, str(out))
-    first = decode.run(row)["record"]
+    encode, generate, decode = EncodeStage(spec), GenerateStage(spec, store), DecodeStage(spec, str(out))
+
+    def generated(row):
+        row = {"id": row["id"], "record": json.dumps(row["record"]), "payload": row["payload"]}
+        for stage in (encode, generate):
+            row = {**(made := stage.run(row)), "record": json.dumps(made["record"])}
+        return row
+
+    one, two = (generated(row) for row in checked)
+    first = decode.run(one)["record"]
     assert first["status"] == "ok" and not (out / "sections" / "one").exists()
     video = (out / "one.mp4").read_bytes()
-    again = decode.run(row)["record"]
-    assert again == first and json.loads((out / "records" / "one.json").read_text()) == first
+    assert decode.run(one)["record"] == first and json.loads((out / "records" / "one.json").read_text()) == first
     assert (out / "one.mp4").read_bytes() == video
-    assert pickle.loads(row["payload"]).fingerprint == first["fingerprint"]
+    failed = {**error_record("one", FileNotFoundError("section_000.safetensors"), "decode"), "fingerprint": first["fingerprint"]}
+    assert decode.ended(failed)["record"] == first and json.loads((out / "records" / "one.json").read_text()) == first
+    (out / "records" / "two.json").mkdir()  # where row two's record goes
+    assert decode.run(two)["record"]["status"] == "ok" and (out / "two.mp4").is_file()
+    assert list((out / "sections" / "two").glob("*/section_000.safetensors"))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -305,6 +314,11 @@ def test_a_finished_row_rendered_as_another_render_is_said_to_render_again(tmp_p
     assert checked["changed"]["payload"] is not None and checked["changed"]["again"]
     assert checked["gone"]["payload"] is not None and not checked["gone"]["again"]
     assert checked["garbled"]["payload"] is not None and not checked["garbled"]["again"]
+    # the checkpoints a run may remove: those of the earlier render as another render only
+    assert checked["changed"]["replaces"] == "0" * 64 and "replaces" not in checked["gone"]
+    Path(record_location(str(out), "gone")).write_text(json.dumps({"id": "gone", "status": "error", "fingerprint": "1" * 64}))
+    (row,) = [r for r in check_manifest(manifest, str(out), str(TINY_CHECKPOINT)) if r["id"] == "gone"]
+    assert row["replaces"] == "1" * 64 and not row["again"]  # a failed render's, of other settings
 
 
 def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caplog):

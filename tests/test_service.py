@@ -416,10 +416,10 @@ def test_a_replica_that_shuts_down_leaves_its_renders_to_resume(pools, tmp_path)
         while (b.records.get(rid)["status"] != "finished" or rid in b.live) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert b.records.get(rid)["status"] == "finished"
+        await b.stop()  # the events queued for the database are written by then
         events = [e for _, e in b.records.events(rid)]
         assert [e["type"] for e in events].count("plan") == 2 and events[-1]["type"] == "finished"
         assert next(e for e in reversed(events) if e["type"] == "plan")["reused"]  # resumed, not redone
-        await b.stop()
 
     asyncio.run(scenario())
 
