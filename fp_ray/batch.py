@@ -336,9 +336,9 @@ class DecodeStage(RowStage):
 
     name = "decode"
 
-    def __init__(self, spec: ModelSpec, out: str, keep_sections: bool = False):
+    def __init__(self, spec: ModelSpec, out: str, store: str, keep_sections: bool = False):
         self.pools = LocalPools(decoder=DecoderWorker(spec))
-        self.out, self.keep_sections = out, keep_sections
+        self.out, self.store, self.keep_sections = out, SectionStore(store), keep_sections
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         ctx = pickle.loads(payload)
@@ -354,7 +354,7 @@ class DecodeStage(RowStage):
                           decode_s=timings["decode"], write_s=timings["write"])
             earlier, written = record, write_record(self.out, record)
         if written and not self.keep_sections:  # without its record, a rerun would render the row again
-            drop_sections(SectionStore(ctx.store), rid, ctx.fingerprint)
+            drop_sections(self.store, rid, ctx.fingerprint)
         return {"id": rid, "record": earlier}
 
     async def _finish(self, ctx: RenderContext, done: dict, where: str):
@@ -364,7 +364,10 @@ class DecodeStage(RowStage):
         earlier = previous_record(self.out, record["id"]) if record["status"] == "error" and record.get("fingerprint") else None
         if rendered(earlier, record.get("fingerprint")):
             # another run of this very render (a second batch on this out) finished it, and
-            # removed the checkpoints this one failed on: its video and record stand
+            # removed the checkpoints this one failed on: its video and record stand, and what
+            # this run wrote into its folder since (segments, seam pixels) goes
+            if not self.keep_sections:
+                drop_sections(self.store, record["id"], record["fingerprint"])
             return {"id": record["id"], "record": earlier}
         write_record(self.out, record)
         return {"id": record["id"], "record": record}
@@ -440,23 +443,23 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
         # for them would be the command's output
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            rendered = (
+            stream = (
                 ray.data.from_items(todo, override_num_blocks=len(todo))  # a block per row: rows spread over actors
                 .map_batches(EncodeStage, fn_constructor_args=(spec,), compute=_pool(config.encoders),
                              num_gpus=pools.gpus("encoder"), num_cpus=config.encoder_cpus, resources=pools.resources.get("encoder"), **common)
                 .map_batches(GenerateStage, fn_constructor_args=(spec, store, pools.speed), compute=_pool(config.generators),
                              num_gpus=pools.gpus("generator"), num_cpus=pools.cpus, resources=pools.resources.get("generator"), **common)
-                .map_batches(DecodeStage, fn_constructor_args=(spec, out, config.keep_sections), compute=_pool(config.decoders),
+                .map_batches(DecodeStage, fn_constructor_args=(spec, out, store, config.keep_sections), compute=_pool(config.decoders),
                              num_gpus=pools.gpus("decoder"), num_cpus=config.decoder_cpus, resources=pools.resources.get("decoder"), **common)
                 .select_columns(["id", "record"])
             )
         # a row whose tries are used up is dropped from the stream (one block per row), not the batch
-        rendered.context.max_errored_blocks = -1
+        stream.context.max_errored_blocks = -1
         pending = {r["id"] for r in todo}
         lost = WorkerLost(f"the worker running this row was lost {1 + pools.max_restarts} times (killed, out of "
                           "memory or crashed); the other rows went on")
         try:
-            for row in rendered.iter_rows():  # rows arrive as they end
+            for row in stream.iter_rows():  # rows arrive as they end
                 records[row["id"]] = json.loads(row["record"])
                 pending.discard(row["id"])
         except Exception as e:
@@ -465,7 +468,15 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
             lost = pipeline_error(e)
             log.error("the batch pipeline stopped: %s: %s", type(lost).__name__, str(lost).strip().split("\n")[0])
         for rid in pending:
-            records[rid] = error_record(rid, lost, "batch")
+            fingerprint = records[rid]["fingerprint"]
+            earlier = previous_record(out, rid)
+            if rendered(earlier, fingerprint):
+                # a try that wrote the row's video and record (and removed its checkpoints) and was
+                # lost before its result came back, or another batch on this out that finished it
+                records[rid] = earlier
+                continue
+            # the fingerprint stays: the render whose checkpoints a later run resumes or removes
+            records[rid] = {**error_record(rid, lost, "batch"), "fingerprint": fingerprint}
             write_record(out, records[rid])
     ordered = [records[r["id"]] for r in checked]
     write_results(ordered, join(out, "results.parquet"))

@@ -153,7 +153,7 @@ def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
     rows = [{"id": rid, **ROW, "image": "start.png"} for rid in ("one", "two")]
     checked = check_manifest(write_jsonl(tmp_path / "m.jsonl", rows), str(out), str(TINY_CHECKPOINT))
     spec = CONFIG.pools.spec(str(TINY_CHECKPOINT))
-    encode, generate, decode = EncodeStage(spec), GenerateStage(spec, store), DecodeStage(spec, str(out))
+    encode, generate, decode = EncodeStage(spec), GenerateStage(spec, store), DecodeStage(spec, str(out), store)
 
     def generated(row):
         row = {"id": row["id"], "record": json.dumps(row["record"]), "payload": row["payload"]}
@@ -168,7 +168,11 @@ def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
     assert decode.run(one)["record"] == first and json.loads((out / "records" / "one.json").read_text()) == first
     assert (out / "one.mp4").read_bytes() == video
     failed = {**error_record("one", FileNotFoundError("section_000.safetensors"), "decode"), "fingerprint": first["fingerprint"]}
+    fragment = out / "sections" / "one" / first["fingerprint"][:16] / "segment_001.mp4"  # written by the run that failed
+    fragment.parent.mkdir(parents=True)
+    fragment.write_bytes(b"mp4")
     assert decode.ended(failed)["record"] == first and json.loads((out / "records" / "one.json").read_text()) == first
+    assert not (out / "sections" / "one").exists()
     (out / "records" / "two.json").mkdir()  # where row two's record goes
     assert decode.run(two)["record"]["status"] == "ok" and (out / "two.mp4").is_file()
     assert list((out / "sections" / "two").glob("*/section_000.safetensors"))
@@ -375,3 +379,29 @@ def test_actors_that_cannot_load_their_model_give_each_row_one_line(ray_cluster,
                                       "cannot load HunyuanVideoFramepackTransformer3DModel")
     assert "\x1b" not in record["error"] and "Traceback" not in record["error"]
     assert not [r for r in caplog.records if r.name.startswith("fp_ray") and r.exc_info]  # the command shows no traceback
+
+
+def test_a_row_lost_after_its_record_was_written_keeps_that_record(ray_cluster, tmp_path):
+    """A row whose try wrote its video and record (its checkpoints then removed) and lost its
+    worker before the result came back, its tries used up, or a second batch on this out
+    that finished the row: the driver keeps that record instead of writing over it (the rerun
+    would render the whole row again). A row lost before that is an error with its fingerprint."""
+    import pickle
+
+    from fp_ray.batch import check_manifest, new_record, record_location
+
+    (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    rows = [{"id": rid, **ROW, "image": "start.png"} for rid in ("written", "lost")]
+    manifest, out = write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "out"
+    checked = check_manifest(manifest, str(out), str(TINY_CHECKPOINT))
+    (out / "records").mkdir(parents=True)
+    (out / "written.mp4").write_bytes(b"mp4")
+    fingerprints = [row["record"]["fingerprint"] for row in checked]
+    written = new_record("written", output=str(out / "written.mp4"), fingerprint=fingerprints[0], frames=37)
+    Path(record_location(str(out), "written")).write_text(json.dumps(written))
+    for row in checked:
+        row["payload"] = pickle.dumps(KillsItsWorker())
+    config = dataclasses.replace(CONFIG, generators=(1, 1), pools=dataclasses.replace(CONFIG.pools, max_restarts=0))
+    kept, lost = run_batch(manifest, str(out), str(TINY_CHECKPOINT), config, checked=checked)
+    assert kept == written and json.loads(Path(record_location(str(out), "written")).read_text()) == written
+    assert lost["status"] == "error" and lost["error"].startswith("batch: WorkerLost: ") and lost["fingerprint"] == fingerprints[1]
