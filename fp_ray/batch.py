@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -49,6 +50,7 @@ COLUMNS = {"id", "prompt", "image", "end_image", "extend", "seconds", "seed", "s
            "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 MAX_MANIFEST_BYTES = 2**30  # millions of rows; never a device read to its end
+FINGERPRINT = re.compile(r"^[0-9a-f]{64}\Z")  # sha256, as storage.fingerprint makes it
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),
     ("seconds", pa.float64()), ("frames", pa.int64()), ("sections", pa.int64()), ("sections_reused", pa.int64()),
@@ -258,7 +260,8 @@ def check_row(row: dict, out: str, base: str, model: str, identity: dict) -> dic
         return {"id": rid, "record": error_record(rid, e), "payload": None}
     row = {"id": rid, "record": new_record(rid, fingerprint=fp), "payload": pickle.dumps(request), "again": again}
     former = earlier.get("fingerprint") if earlier else None
-    if isinstance(former, str) and former != fp:
+    # a path in its folder's name: one a record did not get from fp-ray ("../..") removes nothing
+    if isinstance(former, str) and FINGERPRINT.match(former) and former != fp:
         # an earlier run's render of this row as another render (finished or failed): its
         # checkpoints, if it left any, serve no run of this row any more
         row["replaces"] = former

@@ -323,6 +323,11 @@ def test_a_finished_row_rendered_as_another_render_is_said_to_render_again(tmp_p
     Path(record_location(str(out), "gone")).write_text(json.dumps({"id": "gone", "status": "error", "fingerprint": "1" * 64}))
     (row,) = [r for r in check_manifest(manifest, str(out), str(TINY_CHECKPOINT)) if r["id"] == "gone"]
     assert row["replaces"] == "1" * 64 and not row["again"]  # a failed render's, of other settings
+    # a record's fingerprint names a folder under the store: one that is not a sha256 ("../..",
+    # the record written by hand or garbled) names none, or a rerun would remove what it points at
+    Path(record_location(str(out), "gone")).write_text(json.dumps({"id": "gone", "status": "error", "fingerprint": "../../victim"}))
+    (row,) = [r for r in check_manifest(manifest, str(out), str(TINY_CHECKPOINT)) if r["id"] == "gone"]
+    assert "replaces" not in row
 
 
 def test_a_record_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, caplog):
