@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -40,7 +39,7 @@ from .render import LocalPools
 from .request import RenderRequest, excerpt, make_request, parse_size
 from .segments import finish_video
 from .speed import SpeedOptions
-from .storage import SAFE_ID, SectionStore, exists, is_uri, join, read_bytes, write_bytes
+from .storage import FINGERPRINT, SAFE_ID, SectionStore, exists, is_uri, join, read_bytes, write_bytes
 from .workers import DecoderWorker, EncoderWorker, GeneratorWorker, RenderContext
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ COLUMNS = {"id", "prompt", "image", "end_image", "extend", "seconds", "seed", "s
            "cfg_rescale", "loras", "keyframes", "loop"}
 READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 MAX_MANIFEST_BYTES = 2**30  # millions of rows; never a device read to its end
-FINGERPRINT = re.compile(r"^[0-9a-f]{64}\Z")  # sha256, as storage.fingerprint makes it
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("output", pa.string()),
     ("seconds", pa.float64()), ("frames", pa.int64()), ("sections", pa.int64()), ("sections_reused", pa.int64()),

@@ -37,6 +37,7 @@ from safetensors.torch import save as save_safetensors
 
 # \Z, not $: "$" also matches before a trailing newline, and "a\n" would name a folder
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+FINGERPRINT = re.compile(r"^[0-9a-f]{64}\Z")  # a render's sha256 (`fingerprint`), part of its folder's name
 
 
 class StorageError(OSError):
@@ -302,9 +303,11 @@ class SectionStore:
             filesystem(self.root)  # fail early on an unusable URI
 
     def folder(self, request_id: str, fingerprint: str) -> str:
-        """Where one render's checkpoints live: one folder per id and fingerprint."""
+        """Where one render's checkpoints live: one folder per id and fingerprint (a sha256)."""
         if not SAFE_ID.match(request_id):
             raise StorageError(f"request id {request_id!r} is not a safe name ([A-Za-z0-9._-], 1-128 chars)")
+        if not FINGERPRINT.match(fingerprint):
+            raise StorageError(f"fingerprint {fingerprint[:80]!r} is not a sha256")
         return join(self.root, request_id, fingerprint[:16])
 
     def location(self, request_id: str, fingerprint: str, position: int, kind: str = "section") -> str:

@@ -35,6 +35,14 @@ def test_unsafe_ids_and_bad_uris_are_refused(tmp_path):
         SectionStore(tmp_path).location("a\n", "ab" * 32, 0)  # a trailing newline, which "$" lets through
     with pytest.raises(StorageError, match="cannot open storage"):
         SectionStore("nosuchscheme://bucket/x")
+    # a fingerprint names a folder too: one that is not a sha256 (a garbled record's "../..")
+    # reaches no path, and removes nothing
+    (tmp_path / "store" / "r").mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    for bad in ("../../victim", "../" * 8, "AB" * 32, "ab" * 31):
+        with pytest.raises(StorageError, match="not a sha256"):
+            SectionStore(tmp_path / "store").remove("r", bad)
+    assert (tmp_path / "victim").is_dir() and (tmp_path / "store" / "r").is_dir()
 
 
 def test_fingerprint_depends_on_image_bytes_not_names():
