@@ -129,15 +129,15 @@ def test_batch_video_is_byte_identical_to_local(batch_run, components, tmp_path)
 def test_changed_row_is_rendered_again(batch_run, ray_cluster, tmp_path):
     """A changed row renders again; the checkpoints an earlier batch kept (--keep-sections) of
     its former render go with the new render's own."""
-    tmp, _, rows, _, _, _ = batch_run
-    out, row = tmp_path / "out", {**rows[0], "image": str(tmp / "start.png")}
-    first = run_batch(write_jsonl(tmp_path / "m.jsonl", [row]), str(out), str(TINY_CHECKPOINT),
-                      dataclasses.replace(CONFIG, keep_sections=True))[0]
-    kept = out / "sections" / row["id"] / first["fingerprint"][:16]
-    assert first["status"] == "ok" and (kept / "section_000.safetensors").is_file() and (kept / "segment_000.mp4").is_file()
-    (record,) = run_batch(write_jsonl(tmp_path / "changed.jsonl", [{**row, "seed": 99}]), str(out), str(TINY_CHECKPOINT), CONFIG)
-    assert record["status"] == "ok" and not record["reused"] and record["fingerprint"] != first["fingerprint"]
-    assert not (out / "sections" / row["id"]).exists()
+    tmp, out, rows, first, _, _ = batch_run
+    former = next(r for r in first if r["id"] == rows[0]["id"])["fingerprint"]
+    kept = out / "sections" / rows[0]["id"] / former[:16]
+    kept.mkdir(parents=True)
+    (kept / "section_000.safetensors").write_bytes(b"as --keep-sections leaves it")
+    manifest = write_jsonl(tmp_path / "changed.jsonl", [{**rows[0], "image": str(tmp / "start.png"), "seed": 99}])
+    (record,) = run_batch(manifest, str(out), str(TINY_CHECKPOINT), CONFIG)
+    assert record["status"] == "ok" and not record["reused"] and record["fingerprint"] != former
+    assert not (out / "sections" / rows[0]["id"]).exists()
 
 
 def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
@@ -145,12 +145,13 @@ def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
     checkpoints already gone) is tried again: it returns the written record instead of
     failing on the missing sections and overwriting it. Another run of the same render that
     fails (a second batch on this out, its checkpoints removed under it) leaves that record
-    too. A row whose record could not be written keeps its checkpoints (a rerun resumes)."""
+    too. A row whose record could not be written keeps its checkpoints (a rerun resumes), as
+    does every row with keep_sections (`--keep-sections`)."""
     from fp_ray.batch import DecodeStage, EncodeStage, GenerateStage, check_manifest, error_record
 
     (tmp_path / "start.png").write_bytes(SAMPLE_IMAGE.read_bytes())
     out, store = tmp_path / "out", str(tmp_path / "out" / "sections")
-    rows = [{"id": rid, **ROW, "image": "start.png"} for rid in ("one", "two")]
+    rows = [{"id": rid, **ROW, "image": "start.png"} for rid in ("one", "two", "kept")]
     checked = check_manifest(write_jsonl(tmp_path / "m.jsonl", rows), str(out), str(TINY_CHECKPOINT))
     spec = CONFIG.pools.spec(str(TINY_CHECKPOINT))
     encode, generate, decode = EncodeStage(spec), GenerateStage(spec, store), DecodeStage(spec, str(out), store)
@@ -161,7 +162,7 @@ def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
             row = {**(made := stage.run(row)), "record": json.dumps(made["record"])}
         return row
 
-    one, two = (generated(row) for row in checked)
+    one, two, kept = (generated(row) for row in checked)
     first = decode.run(one)["record"]
     assert first["status"] == "ok" and not (out / "sections" / "one").exists()
     video = (out / "one.mp4").read_bytes()
@@ -176,6 +177,8 @@ def test_a_decode_tried_again_after_its_row_ended_keeps_the_row(tmp_path):
     (out / "records" / "two.json").mkdir()  # where row two's record goes
     assert decode.run(two)["record"]["status"] == "ok" and (out / "two.mp4").is_file()
     assert list((out / "sections" / "two").glob("*/section_000.safetensors"))
+    assert DecodeStage(spec, str(out), store, keep_sections=True).run(kept)["record"]["status"] == "ok"  # --keep-sections
+    assert list((out / "sections" / "kept").glob("*/section_000.safetensors")) and (out / "kept.mp4").is_file()
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
