@@ -225,6 +225,13 @@ def rendered(record: dict | None, fingerprint: str | None = None) -> bool:
             and fingerprint in (None, record.get("fingerprint")) and exists(record["output"]))
 
 
+def finished_record(out: str, rid: str, fingerprint: str | None) -> dict | None:
+    """The record of a run that rendered this very render of the row (its video still
+    there): an earlier try of this batch, or another batch on this out."""
+    earlier = previous_record(out, rid) if fingerprint else None
+    return earlier if rendered(earlier, fingerprint) else None
+
+
 def _rows(batch: pd.DataFrame) -> list[dict]:
     return batch.to_dict("records")
 
@@ -343,8 +350,8 @@ class DecodeStage(RowStage):
 
     def process(self, rid: str, record: dict, payload: bytes) -> dict:
         ctx = pickle.loads(payload)
-        earlier = previous_record(self.out, rid)
-        if rendered(earlier, ctx.fingerprint):
+        earlier = finished_record(self.out, rid, ctx.fingerprint)
+        if earlier is not None:
             # an earlier try of this row ended after its record but before its result came
             # back (its worker lost): the video is whole, its checkpoints may be gone already
             written = True
@@ -362,8 +369,8 @@ class DecodeStage(RowStage):
         return await finish_video(ctx, await self.pools.share(ctx), self.pools, done, where)
 
     def ended(self, record: dict) -> dict:
-        earlier = previous_record(self.out, record["id"]) if record["status"] == "error" and record.get("fingerprint") else None
-        if rendered(earlier, record.get("fingerprint")):
+        earlier = finished_record(self.out, record["id"], record.get("fingerprint")) if record["status"] == "error" else None
+        if earlier is not None:
             # another run of this very render (a second batch on this out) finished it, and
             # removed the checkpoints this one failed on: its video and record stand, and what
             # this run wrote into its folder since (segments, seam pixels) goes
@@ -470,8 +477,7 @@ def run_batch(manifest: str, out: str, model: str, config: BatchConfig = BatchCo
             log.error("the batch pipeline stopped: %s: %s", type(lost).__name__, str(lost).strip().split("\n")[0])
         for rid in pending:
             fingerprint = records[rid]["fingerprint"]
-            earlier = previous_record(out, rid)
-            if rendered(earlier, fingerprint):
+            if (earlier := finished_record(out, rid, fingerprint)) is not None:
                 # a try that wrote the row's video and record (and removed its checkpoints) and was
                 # lost before its result came back, or another batch on this out that finished it
                 records[rid] = earlier
